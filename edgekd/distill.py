@@ -1,0 +1,492 @@
+"""Stage 1: train a model from labels (scratch/teacher) or distill a student from teachers.
+
+The loop is built for a CPU first: in-memory uint8 batches augmented with tensor ops, teacher
+outputs computed once per image and view (then replayed with the same augmentation), channels
+last, large batches. On CUDA it adds mixed precision; under ``torchrun`` it shards batches over
+processes with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from edgekd import losses
+from edgekd.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
+from edgekd.config import DistillConfig
+from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_unit
+from edgekd.errors import EdgeKDError
+from edgekd.zoo import FunctionTeacher, build_model, count_params, fit_input, load_teacher
+
+OnStep = Callable[[str, int, int, dict], None]
+OPTIMIZERS = {
+    "sgd": lambda params, r: torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=True),
+    "adam": lambda params, r: torch.optim.Adam(params, lr=r.lr),
+    "adamw": lambda params, r: torch.optim.AdamW(params, lr=r.lr),
+}
+
+
+@dataclass(frozen=True)
+class TeacherReport:
+    name: str
+    kind: str
+    val_acc: float
+    outputs_probabilities: bool
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced; all files live in ``out_dir``."""
+
+    out_dir: Path
+    arch: str
+    params: int
+    best_val_acc: float
+    test_acc: float
+    epochs: int
+    best_epoch: int
+    train_s: float  # wall time of the whole run, teacher caching included
+    teacher_cache_s: float
+    images_per_s: float  # training images seen / train_s
+    device: str
+    teachers: tuple[TeacherReport, ...] = ()
+    history: tuple[dict, ...] = field(default=(), repr=False)
+
+    def summary(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "history"}
+        d["out_dir"] = str(self.out_dir)
+        d["teachers"] = [t.__dict__ for t in self.teachers]
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and distributed set-up.
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_runtime(device: str) -> Runtime:
+    """CUDA when present (or asked), CPU otherwise; one process per GPU under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EdgeKDError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return Runtime(torch.device(device), dist.get_rank(), world)
+    return Runtime(torch.device(device))
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input pipeline shared by training, evaluation and the teacher cache.
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How uint8 data becomes model input: channels, size, normalization, memory format."""
+
+    channels: int
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels_last: bool = False
+
+    def __call__(self, x_unit: torch.Tensor) -> torch.Tensor:
+        x = fit_input(x_unit, self.channels, self.size)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x_u8: torch.Tensor, spec: InputSpec, device, batch_size: int = 1024) -> torch.Tensor:
+    """Logits for uint8 images ``(N, C, H, W)``, in eval mode, batched; returned on the CPU."""
+    model.eval()
+    outs = [model(spec(to_unit(x_u8[i:i + batch_size].to(device)))).float().cpu()
+            for i in range(0, len(x_u8), batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean()) * 100.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers: compatibility checks and the output cache.
+
+
+def check_teachers(teachers: list[FunctionTeacher], data: ImageData, batch_size: int = 256) -> list[TeacherReport]:
+    """Fail before training when a teacher's classes do not fit the data.
+
+    edgekd checkpoints carry class names, compared by name and order. Other formats carry only
+    an output width; their order is checked on the validation split: a teacher whose best
+    class-to-class matching differs from the identity is in another order.
+    """
+    reports = []
+    for t in teachers:
+        if t.classes is not None and tuple(t.classes) != tuple(data.classes):
+            if sorted(t.classes) == sorted(data.classes):
+                raise EdgeKDError(f"teacher {t.name} has the data's classes in another order: {list(t.classes)} vs {list(data.classes)}")
+            raise EdgeKDError(f"teacher {t.name} was trained on classes {list(t.classes)}, the data has {list(data.classes)}")
+        logits = torch.cat([t(to_unit(data.val_x[i:i + batch_size])) for i in range(0, len(data.val_x), batch_size)])
+        if logits.shape[1] != data.num_classes:
+            raise EdgeKDError(f"teacher {t.name} outputs {logits.shape[1]} classes, the data has {data.num_classes}")
+        if not torch.isfinite(logits).all():
+            raise EdgeKDError(f"teacher {t.name} produced NaN or infinite outputs on the validation images")
+        acc = accuracy(logits, data.val_y)
+        if t.classes is None:
+            _check_order(t.name, logits.argmax(1), data)
+        reports.append(TeacherReport(t.name, t.kind, acc, bool(t.outputs_probabilities)))
+    return reports
+
+
+def _check_order(name: str, pred: torch.Tensor, data: ImageData) -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    k = data.num_classes
+    conf = torch.zeros(k, k)
+    conf.index_put_((data.val_y, pred), torch.ones(len(pred)), accumulate=True)
+    rows, cols = linear_sum_assignment(-conf.numpy())
+    best = float(conf[rows, cols].sum())
+    identity = float(conf.diag().sum())
+    if best > 2 * identity and best > 0.5 * len(pred):
+        moved = [(data.classes[r], int(c)) for r, c in zip(rows, cols) if r != c][:3]
+        raise EdgeKDError(
+            f"teacher {name}'s class order differs from the data's (e.g. data class {moved[0][0]!r} "
+            f"is its output {moved[0][1]}); retrain it or reorder the dataset's class folders"
+        )
+
+
+@dataclass(frozen=True)
+class TeacherCache:
+    """Teacher logits for ``V`` augmented views of every training image, with the views' parameters."""
+
+    params: torch.Tensor  # (V, N, 3) int16: dy, dx, flip
+    logits: torch.Tensor  # (M, V, N, K) float16: M teachers
+
+
+def build_teacher_cache(teachers, x_u8, views: int, pad: int, flip: bool, seed: int,
+                        batch_size: int = 512, on_step: OnStep | None = None) -> TeacherCache:
+    gen = torch.Generator().manual_seed(seed + 7919)
+    n = len(x_u8)
+    params = torch.stack([augment_params(n, pad, flip, gen) for _ in range(views)])
+    if not (pad or flip):
+        params.zero_()
+    logits = None
+    total, done = views * n, 0
+    for v in range(views):
+        for i in range(0, n, batch_size):
+            x = to_unit(apply_augment(x_u8[i:i + batch_size], params[v, i:i + batch_size], pad))
+            outs = torch.stack([t(x) for t in teachers])  # (M, B, K)
+            if logits is None:
+                logits = torch.empty(len(teachers), views, n, outs.shape[-1], dtype=torch.float16)
+            logits[:, v, i:i + len(x)] = outs.to(torch.float16)
+            done += len(x)
+            if on_step:
+                on_step("teacher cache", done, total, {})
+    return TeacherCache(params, logits)
+
+
+def _cache_key(cfg: DistillConfig, data: ImageData, pad: int, flip: bool) -> str:
+    h = hashlib.sha256()
+    h.update(data.fingerprint().encode())
+    for path in cfg.kd.teachers:
+        st = Path(path).stat()
+        h.update(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([cfg.kd.cache_views, pad, flip, cfg.recipe.seed, cfg.kd.teacher_mean, cfg.kd.teacher_std]).encode())
+    return h.hexdigest()[:16]
+
+
+def _load_or_build_cache(path: Path, key: str, teachers, data, views, pad, flip, seed, rt, on_step):
+    if rt.main and not _cache_matches(path, key):
+        cache = build_teacher_cache(teachers, data.train_x, views, pad, flip, seed, on_step=on_step)
+        atomic_write_bytes(path, lambda tmp: torch.save({"key": key, "params": cache.params, "logits": cache.logits}, tmp))
+    _barrier(rt)
+    saved = torch.load(path, weights_only=True)
+    return TeacherCache(saved["params"], saved["logits"])
+
+
+def _cache_matches(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return torch.load(path, weights_only=True).get("key") == key
+    except Exception:  # noqa: BLE001 - an unreadable cache is simply rebuilt
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
+          data: ImageData | None = None, on_step: OnStep | None = None) -> TrainResult:
+    """Train ``cfg.model.arch`` on ``cfg.data``, distilling from ``cfg.kd.teachers`` if any.
+
+    Writes ``best.pt``, ``last.pt``, ``config.json``, ``history.json``/``.csv`` and
+    ``result.json`` to ``out_dir``. ``resume=True`` continues from ``last.pt``.
+
+    Example:
+        >>> from edgekd.config import DistillConfig, RecipeConfig
+        >>> cfg = DistillConfig(recipe=RecipeConfig(epochs=2))
+        >>> result = train(cfg, "runs/scratch")  # doctest: +SKIP
+        >>> result.test_acc > 50  # doctest: +SKIP
+        True
+    """
+    t_start = time.perf_counter()
+    r, kd = cfg.recipe, cfg.kd
+    _validate(cfg)
+    out = Path(out_dir)
+    rt = resolve_runtime(r.device)
+    if (out / "last.pt").exists() and not resume:
+        raise EdgeKDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not (out / "last.pt").exists():
+        raise EdgeKDError(f"nothing to resume in {out}: no last.pt there")
+    if data is None:
+        d = cfg.data
+        data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
+                         test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)
+    teachers = [load_teacher(p, device=rt.device, input_mean=kd.teacher_mean, input_std=kd.teacher_std)
+                for p in kd.teachers]
+    teacher_reports = check_teachers(teachers, data) if teachers else []
+
+    torch.manual_seed(r.seed)
+    model, meta = _build(cfg, data)
+    model.to(rt.device)
+    spec = InputSpec(meta["in_channels"], tuple(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]),
+                     r.channels_last and rt.device.type == "cpu")
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pad = r.augment_pad if r.augment_pad is not None else data.image_size[0] // 8
+    flip = r.augment_flip if r.augment_flip is not None else data.channels == 3
+
+    out.mkdir(parents=True, exist_ok=True)
+    cache_t0 = time.perf_counter()
+    cache = None
+    if teachers and kd.cache_views > 0:
+        views = kd.cache_views if (pad or flip) else 1
+        cache = _load_or_build_cache(out / "teacher_cache.pt", _cache_key(cfg, data, pad, flip), teachers, data,
+                                     views, pad, flip, r.seed, rt, on_step)
+    cache_s = time.perf_counter() - cache_t0
+
+    steps_per_epoch = math.ceil((len(data.train_x) // rt.world) / max(1, r.batch_size // rt.world))
+    optimizer = _optimizer(model, r)
+    scheduler = _scheduler(optimizer, r, steps_per_epoch)
+    state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "history": [], "elapsed_s": 0.0}
+    if resume:
+        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler)
+    if rt.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if rt.main:
+        atomic_write_json(out / "config.json", cfg.to_dict())
+
+    use_amp = r.amp and rt.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    weights = torch.tensor(kd.teacher_weights, device=rt.device) if kd.teacher_weights else None
+    resumed_s = state["elapsed_s"]
+    for epoch in range(state["epoch"] + 1, r.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss, train_acc = _train_epoch(
+            model, data, spec, optimizer, scheduler, scaler, use_amp, rt, epoch, r, kd, pad, flip,
+            teachers, cache, weights, on_step)
+        val_logits = predict_logits(unwrap(model), data.val_x, spec, rt.device, r.eval_batch_size)
+        val_loss = float(nn.functional.cross_entropy(val_logits, data.val_y))
+        val_acc = accuracy(val_logits, data.val_y)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                  "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        state["elapsed_s"] = resumed_s + (time.perf_counter() - t_start)
+        if rt.main:
+            if val_acc > state["best_val_acc"]:
+                state["best_val_acc"], state["best_epoch"] = val_acc, epoch
+                save_checkpoint(out / "best.pt", model, meta, epoch=epoch, val_acc=val_acc)
+            save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(), **state)
+            _write_history(out, state["history"])
+        if on_step:
+            on_step("epoch", epoch, r.epochs, record)
+    _barrier(rt)
+
+    best, _ = _load_best(out, rt.device)
+    test_acc = accuracy(predict_logits(best, data.test_x, spec, rt.device, r.eval_batch_size), data.test_y)
+    train_s = resumed_s + (time.perf_counter() - t_start) if state["history"] else 0.0
+    images = len(data.train_x) * r.epochs
+    result = TrainResult(out, meta["arch"], count_params(best), state["best_val_acc"], test_acc, r.epochs,
+                         state["best_epoch"], train_s, cache_s, images / train_s if train_s else 0.0,
+                         str(rt.device), tuple(teacher_reports), tuple(state["history"]))
+    if rt.main:
+        atomic_write_json(out / "result.json", result.summary())
+    return result
+
+
+def _validate(cfg: DistillConfig) -> None:
+    r, kd = cfg.recipe, cfg.kd
+    if r.optimizer not in OPTIMIZERS:
+        raise EdgeKDError(f"unknown optimizer {r.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    if r.schedule not in ("onecycle", "cosine", "constant"):
+        raise EdgeKDError(f"unknown schedule {r.schedule!r}; choose onecycle, cosine or constant")
+    if r.epochs < 1 or r.batch_size < 1 or r.lr <= 0:
+        raise EdgeKDError("epochs, batch size and learning rate must be positive")
+    if not 0.0 <= kd.alpha <= 1.0 or kd.temperature <= 0:
+        raise EdgeKDError("alpha must lie in [0, 1] and temperature must be positive")
+    if kd.teacher_weights and len(kd.teacher_weights) != len(kd.teachers):
+        raise EdgeKDError(f"{len(kd.teacher_weights)} teacher weights for {len(kd.teachers)} teachers; give one per teacher")
+    if kd.teacher_weights and (min(kd.teacher_weights) < 0 or sum(kd.teacher_weights) <= 0):
+        raise EdgeKDError("teacher weights must be non-negative with a positive sum")
+
+
+def _build(cfg: DistillConfig, data: ImageData):
+    m = cfg.model
+    size = (m.input_size, m.input_size) if m.input_size else data.image_size
+    torchvision_arch = m.arch.startswith("torchvision:")
+    channels = 3 if torchvision_arch else data.channels
+    kwargs = {"pretrained": m.pretrained, "weights_path": m.weights_path, "trainable_layers": m.trainable_layers}
+    kwargs = {k: v for k, v in kwargs.items() if v}
+    model = build_model(m.arch, data.num_classes, channels, size, **kwargs)
+    imagenet = torchvision_arch and (m.pretrained or m.weights_path)
+    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if imagenet else (data.mean, data.std)
+    if len(mean) != channels:  # 1-channel data statistics fed to a 3-channel model
+        mean, std = tuple(mean) * channels, tuple(std) * channels
+    meta = {"arch": m.arch, "arch_kwargs": {k: v for k, v in kwargs.items() if k == "trainable_layers"},
+            "classes": list(data.classes), "in_channels": channels, "input_size": list(size),
+            "mean": list(mean), "std": list(std)}
+    return model, meta
+
+
+def _optimizer(model: nn.Module, r) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return OPTIMIZERS[r.optimizer](groups, r)
+
+
+def _scheduler(optimizer, r, steps_per_epoch: int):
+    total = r.epochs * steps_per_epoch
+    if r.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=r.lr, total_steps=total, pct_start=0.25,
+                                                   div_factor=10.0, final_div_factor=100.0)
+    if r.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _train_epoch(model, data, spec, optimizer, scheduler, scaler, use_amp, rt, epoch, r, kd, pad, flip,
+                 teachers, cache, weights, on_step):
+    model.train()
+    n = len(data.train_x)
+    gen = torch.Generator().manual_seed(r.seed * 100003 + epoch)
+    perm = torch.randperm(n, generator=gen)
+    per_rank = n // rt.world
+    perm = perm[rt.rank * per_rank:(rt.rank + 1) * per_rank] if rt.world > 1 else perm
+    view = torch.randint(0, cache.params.shape[0], (n,), generator=gen) if cache is not None else None
+    fresh = augment_params(n, pad, flip, gen)
+    batch = max(1, r.batch_size // rt.world)
+    steps = math.ceil(len(perm) / batch)
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device)
+    seen = 0
+    for step in range(steps):
+        idx = perm[step * batch:(step + 1) * batch]
+        x_u8 = data.train_x[idx].to(rt.device, non_blocking=True)
+        y = data.train_y[idx].to(rt.device, non_blocking=True)
+        t_logits = None
+        if cache is not None:
+            v = view[idx]
+            params = cache.params[v, idx]
+            t_logits = cache.logits[:, v, idx].to(rt.device).float()  # (M, B, K)
+        else:
+            params = fresh[idx] if (pad or flip) else None
+        x_unit = to_unit(apply_augment(x_u8, params, pad))
+        if teachers and cache is None:
+            t_logits = torch.stack([t(x_unit) for t in teachers]).to(rt.device)
+        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(spec(x_unit))
+        loss = losses.distillation_loss(logits, y, t_logits, alpha=kd.alpha, temperature=kd.temperature,
+                                        weights=weights, label_smoothing=r.label_smoothing)
+        if not torch.isfinite(loss):
+            raise EdgeKDError(f"loss became {float(loss.detach())} at epoch {epoch}, step {step + 1}; lower the learning rate (--lr)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+        if on_step:
+            on_step("step", step + 1, steps, {"epoch": epoch})
+    return float(loss_sum) / seen, float(correct) / seen * 100.0
+
+
+def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler) -> dict:
+    ckpt = load_checkpoint(path)
+    saved = dict(ckpt.get("config", {}))
+    now = cfg.to_dict()
+    if saved != now:
+        raise EdgeKDError(f"{path.parent} was started with a different config; resume with the same options or use a new --out")
+    unwrap(model).load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return {k: ckpt[k] for k in ("epoch", "best_val_acc", "best_epoch", "history", "elapsed_s")}
+
+
+def _load_best(out: Path, device):
+    from edgekd.checkpoint import load_model
+
+    return load_model(out / "best.pt", device=device)
+
+
+def _write_history(out: Path, history: list[dict]) -> None:
+    atomic_write_json(out / "history.json", history)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(out / "history.csv", buf.getvalue())

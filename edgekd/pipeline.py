@@ -1,0 +1,148 @@
+"""The whole experiment from one config: the only module that knows the order of the stages.
+
+Today it covers the training stages of the seeds' experiments: teachers trained (or loaded
+from files), a scratch student, the student distilled from the best teacher and from all of
+them, every one in its own resumable run directory, then one comparison table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig, build, load_toml
+from edgekd.errors import EdgeKDError
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    file: str | None = None  # a ready teacher (any supported format) instead of training one
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: tuple[TeacherEntry, ...] = ()
+    student: ModelConfig = field(default_factory=ModelConfig)
+    student_recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    students: tuple[str, ...] = ("scratch", "kd_best", "kd_all")  # which student runs to make
+
+
+STUDENT_RUNS = ("scratch", "kd_best", "kd_all")
+
+
+def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
+    """Validate a parsed TOML document; unknown sections and keys are errors naming them."""
+    allowed = {"data", "teachers", "student", "student_recipe", "kd", "students"}
+    unknown = [k for k in values if k not in allowed]
+    if unknown:
+        raise EdgeKDError(f"unknown section [{unknown[0]}]; valid sections: {', '.join(sorted(allowed))}")
+    teachers = []
+    for i, t in enumerate(values.get("teachers", [])):
+        t = dict(t)
+        extra = [k for k in t if k not in ("name", "model", "recipe", "file")]
+        if extra:
+            raise EdgeKDError(f"unknown key teachers[{i}].{extra[0]}; valid keys: name, model, recipe, file")
+        if "name" not in t:
+            raise EdgeKDError(f"teachers[{i}] needs a name")
+        teachers.append(TeacherEntry(t["name"], build(ModelConfig, t.get("model", {}), f"teachers[{i}].model"),
+                                     build(RecipeConfig, t.get("recipe", {}), f"teachers[{i}].recipe"), t.get("file")))
+    if not teachers:
+        raise EdgeKDError("the config names no teachers; add at least one [[teachers]] table")
+    kd = build(KDConfig, values.get("kd", {}), "kd")
+    if kd.teachers:
+        raise EdgeKDError("kd.teachers is set by the pipeline; list teachers as [[teachers]] tables instead")
+    students = tuple(values.get("students", STUDENT_RUNS))
+    bad = [s for s in students if s not in STUDENT_RUNS]
+    if bad:
+        raise EdgeKDError(f"unknown student run {bad[0]!r}; choose from {', '.join(STUDENT_RUNS)}")
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise EdgeKDError("teacher names must be unique")
+    return PipelineConfig(build(DataConfig, values.get("data", {}), "data"), tuple(teachers),
+                          build(ModelConfig, values.get("student", {}), "student"),
+                          build(RecipeConfig, values.get("student_recipe", {}), "student_recipe"), kd, students)
+
+
+def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
+    """Load a pipeline TOML, or the embedded default (digits, two teachers) when ``path`` is None."""
+    if path is None:
+        import tomllib
+
+        text = resources.files("edgekd").joinpath("configs/default.toml").read_text()
+        return pipeline_config_from_dict(tomllib.loads(text))
+    return pipeline_config_from_dict(load_toml(path))
+
+
+@dataclass(frozen=True)
+class RunRow:
+    name: str
+    role: str  # teacher, student
+    arch: str
+    params: int
+    val_acc: float
+    test_acc: float
+    train_s: float
+    out_dir: str
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable[[str], None] | None = None,
+                 on_step=None) -> list[RunRow]:
+    """Train or load the teachers, then the student runs; completed runs with the same config are skipped."""
+    from edgekd.data import load_data
+    from edgekd.distill import train
+
+    out = Path(out_dir)
+    d = cfg.data
+    data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
+                     test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)
+    rows: list[RunRow] = []
+    teacher_files: list[tuple[str, str, float]] = []
+    for t in cfg.teachers:
+        if t.file:
+            if not Path(t.file).exists():
+                raise EdgeKDError(f"teacher file not found: {t.file} (teachers '{t.name}')")
+            teacher_files.append((t.name, t.file, float("nan")))
+            continue
+        run_cfg = DistillConfig(data=cfg.data, model=t.model, recipe=t.recipe)
+        row = _run_one(train, run_cfg, out / "teachers" / t.name, t.name, "teacher", data, on_stage, on_step)
+        rows.append(row)
+        teacher_files.append((t.name, str(out / "teachers" / t.name / "best.pt"), row.val_acc))
+    ranked = sorted(teacher_files, key=lambda f: -f[2] if f[2] == f[2] else 0.0)
+    for name in cfg.students:
+        files = {"scratch": (), "kd_best": (ranked[0][1],), "kd_all": tuple(f[1] for f in teacher_files)}[name]
+        kd = dataclasses.replace(cfg.kd, teachers=files)
+        if name == "kd_all" and len(files) < 2:
+            continue
+        run_cfg = DistillConfig(data=cfg.data, model=cfg.student, recipe=cfg.student_recipe, kd=kd)
+        rows.append(_run_one(train, run_cfg, out / "students" / name, name, "student", data, on_stage, on_step))
+    from edgekd.checkpoint import atomic_write_json
+
+    atomic_write_json(out / "summary.json", [r.__dict__ for r in rows])
+    return rows
+
+
+def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step) -> RunRow:
+    result_file, config_file = run_dir / "result.json", run_dir / "config.json"
+    wanted = json.loads(json.dumps(run_cfg.to_dict()))  # tuples become lists, as in the saved file
+    done = result_file.is_file() and config_file.is_file() and json.loads(config_file.read_text()) == wanted
+    if done:
+        if on_stage:
+            on_stage(f"{role} {name}: done before, skipped")
+        res = json.loads(result_file.read_text())
+    else:
+        if on_stage:
+            on_stage(f"{role} {name}: training {run_cfg.model.arch}")
+        resume = (run_dir / "last.pt").is_file()
+        if resume and json.loads(config_file.read_text()) != wanted:
+            raise EdgeKDError(f"{run_dir} holds a run with another config; remove it or use a new --out")
+        res = train(run_cfg, run_dir, resume=resume, data=data, on_step=on_step).summary()
+    return RunRow(name, role, res["arch"], res["params"], res["best_val_acc"], res["test_acc"], res["train_s"], str(run_dir))

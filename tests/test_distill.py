@@ -1,0 +1,97 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edgekd import DistillConfig, KDConfig, ModelConfig, RecipeConfig, train
+from edgekd.checkpoint import load_checkpoint
+from edgekd.errors import EdgeKDError
+
+PLAIN = dict(augment_pad=0, augment_flip=False, batch_size=32)
+
+
+def test_student_beats_chance_after_one_epoch(synth, tmp_path):
+    cfg = DistillConfig(model=ModelConfig(arch="seed002_student"), recipe=RecipeConfig(epochs=1, optimizer="adam", lr=3e-3, **PLAIN))
+    result = train(cfg, tmp_path, data=synth)
+    assert result.test_acc > 50  # chance is 25%
+    for name in ("best.pt", "last.pt", "config.json", "history.json", "history.csv", "result.json"):
+        assert (tmp_path / name).is_file()
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1] and {"train_loss", "val_acc", "val_loss", "train_acc"} <= set(history[0])
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert ckpt["classes"] == list(synth.classes) and ckpt["input_size"] == [16, 16] and len(ckpt["mean"]) == 3
+
+
+@pytest.mark.parametrize("cache_views", [0, 2])
+def test_distillation_from_two_teachers(synth, teacher_run, tmp_path, cache_views):
+    teacher = str(teacher_run.out_dir / "best.pt")
+    cfg = DistillConfig(model=ModelConfig(arch="seed002_student"),
+                        recipe=RecipeConfig(epochs=2, optimizer="adam", lr=3e-3, augment_pad=1, augment_flip=True, batch_size=32),
+                        kd=KDConfig(teachers=(teacher, teacher), teacher_weights=(1.0, 2.0), cache_views=cache_views))
+    result = train(cfg, tmp_path, data=synth)
+    assert len(result.teachers) == 2 and result.test_acc > 50
+    assert (tmp_path / "teacher_cache.pt").exists() == (cache_views > 0)
+    if cache_views:
+        cache = torch.load(tmp_path / "teacher_cache.pt", weights_only=True)
+        assert cache["logits"].shape == (2, 2, len(synth.train_x), 4)  # (teachers, views, images, classes)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(synth, tmp_path):
+    cfg = DistillConfig(model=ModelConfig(arch="resnet8"), recipe=RecipeConfig(epochs=3, lr=0.05, **PLAIN))
+    full = train(cfg, tmp_path / "full", data=synth)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(stage, done, total, info):
+        if stage == "epoch" and done == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", data=synth, on_step=stop_after_two)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    with pytest.raises(EdgeKDError, match="--resume"):
+        train(cfg, tmp_path / "cut", data=synth)
+    resumed = train(cfg, tmp_path / "cut", data=synth, resume=True)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "cut" / "last.pt")["state_dict"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    changed = DistillConfig(model=ModelConfig(arch="resnet8"), recipe=RecipeConfig(epochs=3, lr=0.01, **PLAIN))
+    with pytest.raises(EdgeKDError, match="different config"):
+        train(changed, tmp_path / "cut", data=synth, resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_error(synth, tmp_path):
+    cfg = DistillConfig(model=ModelConfig(arch="seed002_student"),
+                        recipe=RecipeConfig(epochs=2, lr=1e12, optimizer="sgd", schedule="constant", **PLAIN))
+    with pytest.raises(EdgeKDError, match="lower the learning rate"):
+        train(cfg, tmp_path, data=synth)
+    assert not (tmp_path / "best.pt").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("recipe, kd, message", [
+    (dict(optimizer="lion"), {}, "unknown optimizer"),
+    (dict(epochs=0), {}, "must be positive"),
+    ({}, dict(alpha=2.0), "alpha"),
+    ({}, dict(teachers=("a.pt",), teacher_weights=(1.0, 2.0)), "one per teacher"),
+])
+def test_bad_settings_fail_before_training(synth, tmp_path, recipe, kd, message):
+    cfg = DistillConfig(recipe=RecipeConfig(**recipe), kd=KDConfig(**kd))
+    with pytest.raises(EdgeKDError, match=message):
+        train(cfg, tmp_path, data=synth)
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    """DistributedDataParallel on the CPU: the same command under torchrun with two processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "edgekd.cli", "train", "--arch", "resnet8", "--epochs", "6", "--batch-size", "64", "--out", str(tmp_path / "ddp"), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert result["test_acc"] > 50 and len(json.loads((tmp_path / "ddp" / "history.json").read_text())) == 6

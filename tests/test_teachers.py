@@ -1,0 +1,144 @@
+"""Every teacher format gives the same logits as the model it came from, and bad teachers fail early."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.checkpoint import load_model
+from edgekd.data import to_unit
+from edgekd.distill import check_teachers
+from edgekd.errors import EdgeKDError
+from edgekd.zoo import load_teacher
+
+
+class Normalized(torch.nn.Module):
+    """The checkpoint's model with its normalization and an optional output permutation."""
+
+    def __init__(self, model, mean, std, perm=None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.perm = perm
+
+    def forward(self, x):
+        out = self.model((x - self.mean) / self.std)
+        return out[:, self.perm] if self.perm is not None else out
+
+
+@pytest.fixture(scope="module")
+def reference(teacher_run, synth):
+    model, meta = load_model(teacher_run.out_dir / "best.pt")
+    x = to_unit(synth.val_x[:16])
+    return model, meta, x, Normalized(model, meta["mean"], meta["std"])(x).detach()
+
+
+def test_edgekd_checkpoint_teacher(teacher_run, synth, reference):
+    _, _, x, expected = reference
+    t = load_teacher(teacher_run.out_dir / "best.pt")
+    assert t.classes == synth.classes
+    assert torch.allclose(t(x), expected, atol=1e-5)
+    [report] = check_teachers([t], synth)
+    assert report.val_acc > 90 and not report.outputs_probabilities
+
+
+def test_torchscript_teacher(tmp_path, reference):
+    model, meta, x, expected = reference
+    path = tmp_path / "teacher.pt"
+    torch.jit.trace(Normalized(model, meta["mean"], meta["std"]), x).save(str(path))
+    t = load_teacher(path)
+    assert t.kind == "torchscript"
+    assert torch.allclose(t(x), expected, atol=1e-5)
+
+
+def _export_onnx(module, x, path):
+    torch.onnx.export(module, x[:1], str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+
+
+def test_onnx_teacher_with_foreign_normalization(tmp_path, reference):
+    pytest.importorskip("onnxruntime")
+    model, meta, x, expected = reference
+    path = tmp_path / "teacher.onnx"
+    _export_onnx(model, (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1), path)
+    t = load_teacher(path, input_mean=tuple(meta["mean"]), input_std=tuple(meta["std"]))
+    assert t.kind == "onnx"
+    assert torch.allclose(t(x), expected, atol=1e-4)
+
+
+def test_onnx_teacher_in_another_class_order_is_refused(tmp_path, reference, synth):
+    pytest.importorskip("onnxruntime")
+    model, meta, x, _ = reference
+    path = tmp_path / "permuted.onnx"
+    _export_onnx(Normalized(model, meta["mean"], meta["std"], perm=[1, 2, 3, 0]), x, path)
+    with pytest.raises(EdgeKDError, match="class order differs"):
+        check_teachers([load_teacher(path)], synth)
+
+
+@pytest.fixture(scope="module")
+def keras_teacher(tmp_path_factory):
+    """A Keras model ending in softmax, as the seeds' are, saved as .keras and converted to .tflite."""
+    tf = pytest.importorskip("tensorflow")
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4, activation="softmax")])
+    folder = tmp_path_factory.mktemp("keras")
+    model.save(folder / "teacher.keras")
+    tflite = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    (folder / "teacher.tflite").write_bytes(tflite)
+    return model, folder
+
+
+def test_keras_teacher_probabilities_become_logits(keras_teacher):
+    model, folder = keras_teacher
+    x = torch.rand(5, 3, 16, 16)
+    probs = model(x.permute(0, 2, 3, 1).numpy()).numpy()  # (B, C, H, W) -> (B, H, W, C)
+    t = load_teacher(folder / "teacher.keras")
+    logits = t(x)
+    assert t.outputs_probabilities is True
+    assert np.allclose(torch.softmax(logits, 1).numpy(), probs, atol=1e-5)
+
+
+def test_tflite_teacher(keras_teacher):
+    pytest.importorskip("ai_edge_litert")
+    model, folder = keras_teacher
+    x = torch.rand(3, 3, 16, 16)
+    probs = model(x.permute(0, 2, 3, 1).numpy()).numpy()
+    t = load_teacher(folder / "teacher.tflite")
+    assert t.kind == "tflite"
+    assert np.allclose(torch.softmax(t(x), 1).numpy(), probs, atol=1e-5)
+    assert t.outputs_probabilities is True
+
+
+def test_teacher_errors(tmp_path, synth, teacher_run):
+    with pytest.raises(EdgeKDError, match="not found"):
+        load_teacher(tmp_path / "missing.pt")
+    (tmp_path / "t.xyz").write_text("x")
+    with pytest.raises(EdgeKDError, match="unknown teacher format"):
+        load_teacher(tmp_path / "t.xyz")
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(EdgeKDError, match="corrupt"):
+        load_teacher(tmp_path / "corrupt.pt")
+    with open(tmp_path / "pickled.pt", "wb") as f:
+        pickle.dump({"model": Normalized}, f)  # needs arbitrary unpickling
+    with pytest.raises(EdgeKDError, match="arbitrary unpickling"):
+        load_teacher(tmp_path / "pickled.pt")
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(EdgeKDError, match="could not load ONNX"):
+        load_teacher(tmp_path / "bad.onnx")
+
+
+def test_class_mismatch_is_an_error_before_training(teacher_run, synth):
+    from tests.conftest import prototype_data
+
+    five = prototype_data(num_classes=5)
+    with pytest.raises(EdgeKDError, match="trained on classes"):
+        check_teachers([load_teacher(teacher_run.out_dir / "best.pt")], five)
+    renamed = prototype_data()
+    object.__setattr__(renamed, "classes", tuple(reversed(synth.classes)))
+    with pytest.raises(EdgeKDError, match="another order"):
+        check_teachers([load_teacher(teacher_run.out_dir / "best.pt")], renamed)

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from edgekd.errors import EdgeKDError
+from edgekd.zoo import OutputsAsLogits, build_model, count_params, guess_layout, list_architectures
+
+SEED_COUNTS = [  # published parameter counts at each seed's input size
+    ("seed002_teacher", 10, 3, 32, 1_186_986), ("seed002_student", 10, 3, 32, 267_738),
+    ("seed001_teacher", 10, 3, 32, 3_249_098), ("seed001_student", 10, 3, 32, 545_098),
+    ("seed003_teacher", 10, 1, 28, 693_962), ("seed003_student", 10, 1, 28, 173_930),
+    ("seed004_teacher", 2, 3, 224, 9_568_898), ("seed004_student", 2, 3, 224, 789_442),
+]
+
+
+@pytest.mark.parametrize("arch, classes, channels, size, params", SEED_COUNTS)
+def test_seed_architectures_match_published_counts(arch, classes, channels, size, params):
+    assert count_params(build_model(arch, classes, channels, (size, size))) == params
+
+
+def test_default_student_is_compact_and_runs():
+    model = build_model("edge_resnet_s", 10, 3, (32, 32))
+    assert count_params(model) <= 270_000
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_architecture_lists_choices():
+    with pytest.raises(EdgeKDError, match="choose one of: .*edge_resnet_s"):
+        build_model("resnet9000", 10, 3, (32, 32))
+    with pytest.raises(EdgeKDError, match="unknown torchvision"):
+        build_model("torchvision:nope", 10, 3, (32, 32))
+
+
+def test_torchvision_head_and_trainable_layers():
+    model = build_model("torchvision:mobilenet_v2", 7, 3, (48, 48), trainable_layers=2)
+    assert model(torch.zeros(1, 3, 48, 48)).shape == (1, 7)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("features.18") or n.startswith("classifier") for n in trainable)
+    assert "torchvision:resnet18" in list_architectures("torchvision:resnet*")
+    assert list_architectures("seed00?_student") == ["seed001_student", "seed002_student", "seed003_student", "seed004_student"]
+
+
+def test_layout_guessing():
+    assert guess_layout([None, 3, 32, 32]) == ("NCHW", (32, 32), 3)
+    assert guess_layout([1, 28, 28, 1]) == ("NHWC", (28, 28), 1)
+    assert guess_layout(["batch", None, None, 3]) == ("NHWC", None, 3)
+    with pytest.raises(EdgeKDError):
+        guess_layout([1, 10])
+
+
+def test_probability_outputs_are_detected_and_logged():
+    conv = OutputsAsLogits()
+    p = torch.softmax(torch.randn(4, 5), 1)
+    logits = conv(p)
+    assert conv.probabilities is True
+    assert torch.allclose(torch.softmax(logits, 1), p, atol=1e-5)
+    conv2 = OutputsAsLogits()
+    z = torch.randn(4, 5) * 3
+    assert torch.equal(conv2(z), z) and conv2.probabilities is False
