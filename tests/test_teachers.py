@@ -59,7 +59,6 @@ def _export_onnx(module, x, path):
 
 
 def test_onnx_teacher_with_foreign_normalization(tmp_path, reference):
-    pytest.importorskip("onnxruntime")
     model, meta, x, expected = reference
     path = tmp_path / "teacher.onnx"
     _export_onnx(model, (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1), path)
@@ -69,7 +68,6 @@ def test_onnx_teacher_with_foreign_normalization(tmp_path, reference):
 
 
 def test_onnx_teacher_in_another_class_order_is_refused(tmp_path, reference, synth):
-    pytest.importorskip("onnxruntime")
     model, meta, x, _ = reference
     path = tmp_path / "permuted.onnx"
     _export_onnx(Normalized(model, meta["mean"], meta["std"], perm=[1, 2, 3, 0]), x, path)
@@ -80,7 +78,7 @@ def test_onnx_teacher_in_another_class_order_is_refused(tmp_path, reference, syn
 @pytest.fixture(scope="module")
 def keras_teacher(tmp_path_factory):
     """A Keras model ending in softmax, as the seeds' are, saved as .keras and converted to .tflite."""
-    tf = pytest.importorskip("tensorflow")
+    import tensorflow as tf
     import keras
 
     keras.utils.set_random_seed(0)
@@ -104,7 +102,6 @@ def test_keras_teacher_probabilities_become_logits(keras_teacher):
 
 
 def test_tflite_teacher(keras_teacher):
-    pytest.importorskip("ai_edge_litert")
     model, folder = keras_teacher
     x = torch.rand(3, 3, 16, 16)
     probs = model(x.permute(0, 2, 3, 1).numpy()).numpy()

@@ -1,0 +1,105 @@
+"""The Typer app, shared options and rendering helpers used by every command module."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="edgekd",
+    help="Distill a small image classifier from big teachers and get it ready for phones and edge devices.\n\n"
+    "Start with `edgekd run` (the embedded default: digits, two teachers, three students, a few minutes on a CPU), "
+    "then `edgekd distill --teacher T.pt --data DIR` on your own data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+# Options shared by `train` and `distill` (declared once; None means "not given, keep the config's value").
+Data = Annotated[Optional[str], typer.Option("--data", help="digits (embedded), cifar10, mnist, fashion-mnist, or an ImageFolder DIR")]
+DataDir = Annotated[Optional[str], typer.Option(help="Root of torchvision's files for cifar10/mnist/fashion-mnist")]
+Download = Annotated[Optional[bool], typer.Option("--download", help="Download torchvision datasets when missing (needs network)")]
+ValFraction = Annotated[Optional[float], typer.Option(help="Validation share carved from train when there is no val split")]
+TestFraction = Annotated[Optional[float], typer.Option(help="Test share for a single-folder dataset")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Decode ImageFolder images at this size (pixels)")]
+InputSize = Annotated[Optional[int], typer.Option(help="Model input size in pixels (resized on the fly), e.g. 48 for ImageNet backbones")]
+Pretrained = Annotated[Optional[bool], typer.Option("--pretrained", help="torchvision:* only: start from ImageNet weights")]
+Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision:* only: local ImageNet state dict (no network needed)")]
+TrainableLayers = Annotated[Optional[int], typer.Option(help="torchvision:* only: fine-tune only the last N layers and the new head")]
+Epochs = Annotated[Optional[int], typer.Option(help="Training epochs [default: 30]")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Batch size [default: 256]")]
+Optim = Annotated[Optional[str], typer.Option("--optimizer", help="sgd (Nesterov), adam or adamw [default: sgd]")]
+LR = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate [default: 0.1]")]
+WD = Annotated[Optional[float], typer.Option(help="Weight decay on conv/linear weights [default: 5e-4]")]
+Schedule = Annotated[Optional[str], typer.Option(help="onecycle, cosine or constant [default: onecycle]")]
+Smoothing = Annotated[Optional[float], typer.Option(help="Label smoothing of the hard-label loss")]
+Pad = Annotated[Optional[int], typer.Option("--pad", help="Random-crop padding in pixels; 0 turns cropping off [default: height/8]")]
+Flip = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips [default: on for RGB]")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for init, batch order and augmentation [default: 0]")]
+Device = Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N [default: auto]")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="TOML with [data] [model] [recipe] [kd] sections; options override it")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory [default: runs/<command>-<arch>]")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout")]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=False)
+
+
+class _Bars:
+    """Adapts the library's ``on_step(stage, done, total, info)`` callback to Rich progress bars."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.last_epoch = ""
+
+    def __call__(self, stage: str, done: int, total: int, info: dict) -> None:
+        if stage == "epoch":
+            self.last_epoch = f"val {info['val_acc']:.2f}%  loss {info['train_loss']:.3f}"
+        label = {"step": "  batches", "epoch": "epochs", "teacher cache": "teacher outputs"}.get(stage, stage)
+        if label not in self.tasks or (stage == "step" and done == 1):
+            if label in self.tasks:
+                self.progress.remove_task(self.tasks[label])
+            self.tasks[label] = self.progress.add_task(label, total=total, info="")
+        self.progress.update(self.tasks[label], completed=done, total=total, info=self.last_epoch if stage == "epoch" else "")
+
+    def reset(self) -> None:
+        for task in self.tasks.values():
+            self.progress.remove_task(task)
+        self.tasks.clear()
+        self.last_epoch = ""
+
+
+def _guarded(fn):
+    """Run ``fn`` turning user errors into one red line and a non-zero exit."""
+    from edgekd.errors import EdgeKDError
+
+    try:
+        return fn()
+    except EdgeKDError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command with --resume to continue from the last completed epoch")
+
+
+def _build_config(config, section_overrides):
+    from edgekd.config import DistillConfig, distill_config_from_dict, load_toml, override
+
+    base = distill_config_from_dict(load_toml(config)) if config else DistillConfig()
+    return DistillConfig(**{name: override(getattr(base, name), **values) for name, values in section_overrides.items()})

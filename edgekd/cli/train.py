@@ -1,0 +1,102 @@
+"""`edgekd train` and `edgekd distill`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgekd.cli.common import (
+    AsJson, BatchSize, Config, Data, DataDir, Device, Download, Epochs, Flip, ImageSize, InputSize, LR, Optim, Out,
+    Pad, Pretrained, Resume, Schedule, Seed, Smoothing, TestFraction, TrainableLayers, ValFraction, WD, Weights,
+    _Bars, _build_config, _fail, _guarded, _progress, app, err,
+)
+
+
+def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) -> None:
+    from edgekd.distill import train
+    from edgekd.report import teacher_table, train_table
+
+    out = out or Path("runs") / f"{command}-{cfg.model.arch.replace(':', '_')}"
+    with _progress() as progress:
+        result = _guarded(lambda: train(cfg, out, resume=resume, on_step=_Bars(progress)))
+    if result.teachers:
+        err.print(teacher_table(result.teachers))
+    err.print(train_table(result))
+    if as_json:
+        sys.stdout.write(json.dumps(result.summary(), indent=2) + "\n")
+
+
+@app.command("train")
+def train_cmd(
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, see `edgekd models` [default: edge_resnet_s]")] = None,
+    data: Data = None, data_dir: DataDir = None, download: Download = None, val_fraction: ValFraction = None,
+    test_fraction: TestFraction = None, image_size: ImageSize = None, input_size: InputSize = None,
+    pretrained: Pretrained = None, weights: Weights = None, trainable_layers: TrainableLayers = None,
+    epochs: Epochs = None, batch_size: BatchSize = None, optimizer: Optim = None, lr: LR = None,
+    weight_decay: WD = None, schedule: Schedule = None, label_smoothing: Smoothing = None, pad: Pad = None,
+    flip: Flip = None, seed: Seed = None, device: Device = None, config: Config = None, out: Out = None,
+    resume: Resume = False, as_json: AsJson = False,
+) -> None:
+    """Train one model with cross-entropy: a teacher, or the scratch baseline a student is compared with.
+
+    Example: edgekd train --arch seed002_teacher --data ../shared/datasets/cifar10-jpeg --epochs 10
+    """
+    cfg = _guarded(lambda: _build_config(config, {
+        "data": dict(dataset=data, data_dir=data_dir, download=download, val_fraction=val_fraction,
+                     test_fraction=test_fraction, image_size=image_size),
+        "model": dict(arch=arch, input_size=input_size, pretrained=pretrained, weights_path=weights,
+                      trainable_layers=trainable_layers),
+        "recipe": dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                       schedule=schedule, label_smoothing=label_smoothing, augment_pad=pad, augment_flip=flip,
+                       seed=seed, device=device),
+        "kd": {},
+    }))
+    if cfg.kd.teachers:
+        _fail("the config lists teachers; use `edgekd distill` for distillation")
+    _train(cfg, out, "train", resume, as_json)
+
+
+@app.command("distill")
+def distill_cmd(
+    teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher file, repeat for several: edgekd .pt, TorchScript, .onnx, .keras/.h5, .tflite")] = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="Student architecture [default: edge_resnet_s]")] = None,
+    teacher_weight: Annotated[Optional[list[float]], typer.Option("--teacher-weight", help="Weight per teacher in the averaged soft targets [default: equal]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Weight of the hard-label CE; 1-alpha weights T^2 KL [default: 0.5]")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-T", help="Softening temperature [default: 4]")] = None,
+    cache_views: Annotated[Optional[int], typer.Option(help="Augmented views per image whose teacher outputs are cached; 0 runs teachers on every batch [default: 4]")] = None,
+    teacher_mean: Annotated[Optional[list[float]], typer.Option(help="Normalization mean non-edgekd teachers expect on [0,1] pixels (repeat per channel) [default: 0]")] = None,
+    teacher_std: Annotated[Optional[list[float]], typer.Option(help="Normalization std for non-edgekd teachers [default: 1]")] = None,
+    data: Data = None, data_dir: DataDir = None, download: Download = None, val_fraction: ValFraction = None,
+    test_fraction: TestFraction = None, image_size: ImageSize = None, input_size: InputSize = None,
+    epochs: Epochs = None, batch_size: BatchSize = None, optimizer: Optim = None, lr: LR = None,
+    weight_decay: WD = None, schedule: Schedule = None, label_smoothing: Smoothing = None, pad: Pad = None,
+    flip: Flip = None, seed: Seed = None, device: Device = None, config: Config = None, out: Out = None,
+    resume: Resume = False, as_json: AsJson = False,
+) -> None:
+    """Distill a student from one or more frozen teachers.
+
+    Loss: alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(mean_i softmax(teacher_i / T) || softmax(student / T)).
+    Teachers that output probabilities (Keras models ending in softmax) are detected and handled.
+
+    Example: edgekd distill -t runs/train-resnet_m/best.pt --student resnet8 --data digits
+    """
+    cfg = _guarded(lambda: _build_config(config, {
+        "data": dict(dataset=data, data_dir=data_dir, download=download, val_fraction=val_fraction,
+                     test_fraction=test_fraction, image_size=image_size),
+        "model": dict(arch=student, input_size=input_size),
+        "recipe": dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                       schedule=schedule, label_smoothing=label_smoothing, augment_pad=pad, augment_flip=flip,
+                       seed=seed, device=device),
+        "kd": dict(teachers=tuple(teacher) if teacher else None,
+                   teacher_weights=tuple(teacher_weight) if teacher_weight else None, alpha=alpha,
+                   temperature=temperature, cache_views=cache_views,
+                   teacher_mean=tuple(teacher_mean) if teacher_mean else None,
+                   teacher_std=tuple(teacher_std) if teacher_std else None),
+    }))
+    if not cfg.kd.teachers:
+        _fail("distill needs at least one --teacher FILE (or kd.teachers in --config); use `edgekd train` for a scratch model")
+    _train(cfg, out, "distill", resume, as_json)

@@ -1,0 +1,311 @@
+"""Stage 2: an edgekd checkpoint becomes ONNX and TFLite files, each checked against PyTorch.
+
+Every exported model takes RGB (or grayscale) pixels scaled to [0, 1] and does the training
+normalization itself, so an app only resizes and divides by 255. ONNX keeps PyTorch's NCHW
+layout; TFLite takes NHWC, the mobile convention (onnx2tf does the transposition). Each file
+is written under a temporary name, run on real images through its own runtime, compared with
+PyTorch, and only then renamed into place with a ``.json`` sidecar describing its input.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgekd.checkpoint import atomic_write_json, load_model
+from edgekd.data import ImageData, load_data, to_unit
+from edgekd.errors import EdgeKDError
+
+ONNX_OPSET = 17
+FORMATS = ("onnx", "tflite")
+
+
+class Deployable(nn.Module):
+    """The trained network with its input normalization in front: [0, 1] pixels in, logits out."""
+
+    def __init__(self, model: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) * self.inv_std)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One model file and how it was checked."""
+
+    path: Path
+    format: str  # onnx, tflite
+    precision: str  # fp32, fp16, int8
+    runtime: str  # onnxruntime, litert
+    size_bytes: int
+    layout: str  # NCHW or NHWC
+    input_dtype: str
+    max_abs_diff: float  # largest |logit - PyTorch logit| over the checked samples
+    top1_agreement: float  # share of checked samples with PyTorch's top-1, in percent
+    samples_checked: int
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}, "path": str(self.path), **self.extra}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    checkpoint: Path
+    artifacts: tuple[Artifact, ...]
+
+
+def resolve_data(checkpoint: Path, data: str | ImageData | None) -> ImageData:
+    """The dataset to check against: given, or the one recorded in the run's config.json."""
+    if isinstance(data, ImageData):
+        return data
+    if data:
+        return load_data(data)
+    cfg_file = Path(checkpoint).parent / "config.json"
+    if cfg_file.is_file():
+        d = json.loads(cfg_file.read_text())["data"]
+        return load_data(d["dataset"], data_dir=d["data_dir"], val_fraction=d["val_fraction"],
+                         test_fraction=d["test_fraction"], image_size=d["image_size"], seed=d["split_seed"])
+    raise EdgeKDError(f"no dataset recorded beside {checkpoint}; pass --data SPEC with the images it was trained on")
+
+
+def model_input(meta: dict, x_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the deployable model's input: [0, 1], the model's channels and size, NCHW."""
+    from edgekd.zoo import fit_input
+
+    return fit_input(to_unit(x_u8), int(meta["in_channels"]), tuple(meta["input_size"]))
+
+
+def preprocessing(meta: dict, layout: str) -> dict:
+    """What an app must do to an image before this file sees it (recorded beside every file)."""
+    h, w = meta["input_size"]
+    c = int(meta["in_channels"])
+    shape = [1, c, h, w] if layout == "NCHW" else [1, h, w, c]
+    return {"layout": layout, "shape": shape, "resize": [h, w], "channel_order": "RGB" if c == 3 else "grayscale",
+            "scale": "divide 0-255 pixels by 255 (input range [0, 1])",
+            "normalization_inside_model": {"mean": meta["mean"], "std": meta["std"]},
+            "classes": meta["classes"], "output": "logits"}
+
+
+def export(
+    checkpoint: str | Path,
+    formats: tuple[str, ...] = FORMATS,
+    *,
+    out_dir: str | Path | None = None,
+    data: str | ImageData | None = None,
+    fp16: bool = False,
+    samples: int = 256,
+    on_step: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a checkpoint to ONNX and/or TFLite and check every file against PyTorch.
+
+    Example:
+        >>> res = export("runs/distill/best.pt", ("onnx",))  # doctest: +SKIP
+        >>> res.artifacts[0].top1_agreement  # doctest: +SKIP
+        100.0
+    """
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise EdgeKDError(f"unknown format {bad[0]!r}; choose from {', '.join(FORMATS)}")
+    checkpoint = Path(checkpoint)
+    model, meta = load_model(checkpoint)
+    data = resolve_data(checkpoint, data)
+    if list(data.classes) != list(meta["classes"]):
+        raise EdgeKDError(f"{checkpoint} was trained on classes {meta['classes']}, the data has {list(data.classes)}")
+    out = Path(out_dir) if out_dir else checkpoint.parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    net = Deployable(model, meta["mean"], meta["std"]).eval()
+    x = model_input(meta, check_samples(data, samples))
+    with torch.no_grad():
+        reference = net(x).numpy()
+    artifacts: list[Artifact] = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        tmp = Path(tmp)
+        if on_step:
+            on_step("onnx: exporting and checking with onnxruntime")
+        onnx_tmp = to_onnx(net, x, tmp / "model.onnx")
+        onnx_art = check_onnx(onnx_tmp, x, reference, "fp32")
+        if "onnx" in formats:
+            artifacts.append(_place(onnx_art, out / "model.onnx", meta))
+        if "tflite" in formats:
+            if on_step:
+                on_step("tflite: converting with onnx2tf and checking with LiteRT")
+            files = onnx_to_tflite(onnx_tmp, tmp / "tf")
+            wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])
+            for precision, path in wanted:
+                art = check_tflite(path, x, reference, precision)
+                artifacts.append(_place(art, out / f"model_{precision}.tflite", meta))
+    return ExportResult(checkpoint, tuple(artifacts))
+
+
+def check_samples(data: ImageData, n: int) -> torch.Tensor:
+    """The first ``n`` test images, a few from every class (real pixels, not random noise)."""
+    order = torch.argsort(torch.arange(len(data.test_y)) % max(1, len(data.test_y) // max(1, n)), stable=True)
+    return data.test_x[order[:n]]
+
+
+def to_onnx(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """TorchScript-based export (dynamo=False): named input/output, dynamic batch, checker-clean."""
+    try:
+        import onnx
+    except ImportError:
+        raise EdgeKDError("ONNX export needs onnx and onnxruntime: pip install 'edgekd[onnx]'") from None
+    try:
+        torch.onnx.export(net, x[:1], str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
+                          dynamo=False)
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
+        raise EdgeKDError(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
+    return path
+
+
+def onnx_session(path: Path, threads: int = 1):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EdgeKDError("running ONNX models needs onnxruntime: pip install 'edgekd[onnx]'") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Spinning threads on 2 cores multiplied p90 latency ~7x (MEASURED.md); never spin.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path_or_session, x_nchw: np.ndarray, batch: int = 256) -> np.ndarray:
+    sess = onnx_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x_nchw[i:i + batch]})[0] for i in range(0, len(x_nchw), batch)])
+
+
+def _compare(out: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    diff = float(np.abs(out.astype(np.float64) - reference).max())
+    agree = float((out.argmax(1) == reference.argmax(1)).mean() * 100.0)
+    return diff, agree
+
+
+def check_onnx(path: Path, x: torch.Tensor, reference: np.ndarray, precision: str) -> Artifact:
+    out = run_onnx(path, x.numpy())
+    diff, agree = _compare(out, reference)
+    if precision == "fp32" and agree < 100.0:
+        raise EdgeKDError(f"ONNX model disagrees with PyTorch on top-1 for {100 - agree:.1f}% of samples (max |diff| {diff:.2e})")
+    return Artifact(path, "onnx", precision, "onnxruntime", path.stat().st_size, "NCHW", "float32", diff, agree, len(x))
+
+
+def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None = None,
+                   io_dtype: str = "int8") -> dict[str, Path]:
+    """Convert with onnx2tf; with ``calibration`` (NHWC, [0, 1]) also write the int8 variants."""
+    try:
+        import onnx2tf
+    except ImportError:
+        raise EdgeKDError("TFLite conversion needs onnx2tf, tf_keras and TensorFlow: pip install 'edgekd[tf]'") from None
+    kwargs = {}
+    if calibration is not None:
+        npy = folder.parent / "calibration.npy"
+        np.save(npy, calibration.astype(np.float32))
+        c = calibration.shape[-1]
+        # Calibration pixels are already the model's [0, 1] input: onnx2tf must not renormalize them.
+        kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
+                      custom_input_op_name_np_data_path=[["input", str(npy), np.zeros((1, 1, 1, c)), np.ones((1, 1, 1, c))]],
+                      input_quant_dtype=io_dtype, output_quant_dtype=io_dtype)
+    try:
+        onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(folder), non_verbose=True,
+                        copy_onnx_input_output_names_to_tflite=True, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    stem = onnx_path.stem
+    files = {kind: folder / f"{stem}_{kind}.tflite"
+             for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
+    return {k: v for k, v in files.items() if v.is_file()}
+
+
+class TFLiteRunner:
+    """Runs a .tflite file one image at a time, quantizing/dequantizing integer I/O."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise EdgeKDError("running TFLite models needs LiteRT: pip install 'edgekd[tf]'") from None
+        try:
+            self.interp = Interpreter(model_path=str(path), num_threads=threads)
+            self.interp.allocate_tensors()
+        except Exception as exc:  # noqa: BLE001
+            raise EdgeKDError(f"LiteRT could not load {path}: {str(exc).splitlines()[0]}") from None
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+
+    @property
+    def input_dtype(self) -> str:
+        return np.dtype(self.inp["dtype"]).name
+
+    def quantization(self) -> dict:
+        return {"input": _qparams(self.inp), "output": _qparams(self.out)}
+
+    def set_input(self, x_nhwc: np.ndarray) -> None:
+        arr = x_nhwc
+        if self.inp["dtype"] != np.float32:
+            scale, zero = self.inp["quantization"]
+            info = np.iinfo(self.inp["dtype"])
+            arr = np.clip(np.round(arr / scale + zero), info.min, info.max).astype(self.inp["dtype"])
+        self.interp.set_tensor(self.inp["index"], arr)
+
+    def get_output(self) -> np.ndarray:
+        res = self.interp.get_tensor(self.out["index"])
+        if self.out["dtype"] != np.float32:
+            scale, zero = self.out["quantization"]
+            return (res.astype(np.float32) - zero) * scale
+        return res
+
+    def __call__(self, x_nhwc: np.ndarray) -> np.ndarray:
+        outs = []
+        for i in range(len(x_nhwc)):
+            self.set_input(x_nhwc[i:i + 1])
+            self.interp.invoke()
+            outs.append(self.get_output().copy())
+        return np.concatenate(outs)
+
+
+def _qparams(detail: dict) -> dict | None:
+    scale, zero = detail["quantization"]
+    return None if detail["dtype"] == np.float32 else {"dtype": np.dtype(detail["dtype"]).name, "scale": float(scale), "zero_point": int(zero)}
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())  # (B, C, H, W) -> (B, H, W, C)
+
+
+def check_tflite(path: Path, x: torch.Tensor, reference: np.ndarray, precision: str) -> Artifact:
+    runner = TFLiteRunner(path)
+    out = runner(nhwc(x))
+    diff, agree = _compare(out, reference)
+    if precision in ("fp32", "fp16") and agree < (100.0 if precision == "fp32" else 99.0):
+        raise EdgeKDError(f"TFLite {precision} model disagrees with PyTorch on top-1 for {100 - agree:.1f}% of samples")
+    return Artifact(path, "tflite", precision, "litert", path.stat().st_size, "NHWC", runner.input_dtype, diff, agree,
+                    len(x), {"quantization": runner.quantization()})
+
+
+def _place(art: Artifact, dest: Path, meta: dict, status: str = "ok") -> Artifact:
+    """Move a checked file into place (atomic rename) and write its sidecar."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(art.path, tmp)
+    tmp.replace(dest)
+    placed = Artifact(**{**art.__dict__, "path": dest})
+    atomic_write_json(dest.with_name(dest.name + ".json"),
+                      {**placed.to_dict(), "status": status, "preprocessing": preprocessing(meta, art.layout)})
+    return placed

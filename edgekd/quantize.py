@@ -1,0 +1,309 @@
+"""Stage 3: post-training static int8 quantization with a representative dataset, verified.
+
+ONNX goes through onnxruntime's quantization tools (pre-processing, then QDQ with per-channel
+weights); TFLite through onnx2tf's full-integer conversion. Both are calibrated on the same
+class-stratified sample of the training split, with exactly the training preprocessing, and
+both are then proven to be int8 (quantized operators counted) and evaluated on the full test
+split through their own runtimes, next to their fp32 counterparts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgekd.checkpoint import atomic_write_json, load_model
+from edgekd.data import ImageData
+from edgekd.errors import EdgeKDError
+from edgekd.export import (
+    Artifact,
+    Deployable,
+    TFLiteRunner,
+    _place,
+    check_onnx,
+    check_tflite,
+    model_input,
+    nhwc,
+    onnx_session,
+    onnx_to_tflite,
+    resolve_data,
+    run_onnx,
+    to_onnx,
+    check_samples,
+)
+
+IO_TYPES = ("float32", "uint8", "int8")
+QUANTIZED_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+TFLITE_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    indices: tuple[int, ...]  # into the training split
+    sha256: str  # of the calibration pixels
+    per_class: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    format: str
+    fp32: Artifact
+    int8: Artifact
+    fp32_test_acc: float
+    int8_test_acc: float
+    quantized_ops: int  # compute operators running in int8
+    float_compute_ops: int  # compute operators left in float
+    choice: dict = field(default_factory=dict)  # e.g. ONNX activation type and why
+
+    @property
+    def drop_pts(self) -> float:
+        return self.fp32_test_acc - self.int8_test_acc
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    calibration: Calibration
+    models: tuple[QuantizedModel, ...]
+    max_drop: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.max_drop is None or all(m.drop_pts <= self.max_drop for m in self.models)
+
+
+def calibration_sample(data: ImageData, n: int, seed: int = 0) -> Calibration:
+    """``n`` training images, stratified by class (round-robin over shuffled per-class lists)."""
+    if n < 1:
+        raise EdgeKDError("--calib-size must be at least 1")
+    gen = torch.Generator().manual_seed(seed)
+    pools = [torch.nonzero(data.train_y == c).flatten() for c in range(data.num_classes)]
+    pools = [p[torch.randperm(len(p), generator=gen)].tolist() for p in pools]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < min(n, len(data.train_y)):
+        for pool in pools:
+            if depth < len(pool) and len(picked) < n:
+                picked.append(pool[depth])
+        depth += 1
+    idx = torch.tensor(sorted(picked))
+    digest = hashlib.sha256(data.train_x[idx].numpy().tobytes()).hexdigest()
+    per_class = torch.bincount(data.train_y[idx], minlength=data.num_classes)
+    return Calibration(tuple(idx.tolist()), digest, tuple(int(v) for v in per_class))
+
+
+def quantize(
+    model: str | Path,
+    *,
+    data: str | ImageData | None = None,
+    formats: tuple[str, ...] = ("onnx", "tflite"),
+    calib_size: int = 300,
+    io: str = "float32",
+    activation_type: str = "auto",
+    max_drop: float | None = None,
+    out_dir: str | Path | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize an edgekd checkpoint (or the ``.onnx`` exported from one) to int8 and verify it.
+
+    The files are kept even when the accuracy drop exceeds ``max_drop``; their sidecars then
+    say ``"status": "failed"`` and ``QuantizeResult.passed`` is False.
+
+    Example:
+        >>> res = quantize("runs/distill/best.pt", data="digits")  # doctest: +SKIP
+        >>> [(m.format, round(m.drop_pts, 2)) for m in res.models]  # doctest: +SKIP
+        [('onnx', 0.0), ('tflite', 0.28)]
+    """
+    if io not in IO_TYPES:
+        raise EdgeKDError(f"unknown --io {io!r}; choose from {', '.join(IO_TYPES)}")
+    if activation_type not in ("auto", "uint8", "int8"):
+        raise EdgeKDError("--activation-type must be auto, uint8 or int8")
+    checkpoint = _checkpoint_for(Path(model))
+    net_model, meta = load_model(checkpoint)
+    data = resolve_data(checkpoint, data)
+    out = Path(out_dir) if out_dir else checkpoint.parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    calib = calibration_sample(data, calib_size)
+    calib_x = model_input(meta, data.train_x[list(calib.indices)])
+    test_x = model_input(meta, data.test_x)
+    test_y = data.test_y.numpy()
+    net = Deployable(net_model, meta["mean"], meta["std"]).eval()
+    check_x = model_input(meta, check_samples(data, 256))
+    with torch.no_grad():
+        reference = net(check_x).numpy()
+    models = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".quantize-") as tmp:
+        tmp = Path(tmp)
+        onnx_fp32 = to_onnx(net, check_x, tmp / "model.onnx")
+        fp32_art = check_onnx(onnx_fp32, check_x, reference, "fp32")
+        if "onnx" in formats:
+            if on_step:
+                on_step("onnx: static int8 quantization with onnxruntime")
+            models.append(_quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x, test_y,
+                                         activation_type))
+        if "tflite" in formats:
+            if on_step:
+                on_step("tflite: full-integer conversion with onnx2tf")
+            models.append(_quantize_tflite(onnx_fp32, tmp, calib_x, check_x, reference, test_x, test_y, io))
+        result = QuantizeResult(calib, tuple(models), max_drop)
+        placed = []
+        for m in result.models:
+            status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
+            suffix = ".onnx" if m.format == "onnx" else ".tflite"
+            fp32 = _place(m.fp32, out / f"model_fp32{suffix}" if m.format == "tflite" else out / "model.onnx", meta)
+            int8 = _place(m.int8, out / f"model_int8{suffix}", meta, status)
+            placed.append(QuantizedModel(m.format, fp32, int8, m.fp32_test_acc, m.int8_test_acc, m.quantized_ops,
+                                         m.float_compute_ops, m.choice))
+    result = QuantizeResult(calib, tuple(placed), max_drop)
+    atomic_write_json(out / "quantize.json", result_dict(result))
+    return result
+
+
+def result_dict(result: QuantizeResult) -> dict:
+    return {
+        "passed": result.passed,
+        "max_drop_pts": result.max_drop,
+        "calibration": {"size": len(result.calibration.indices), "sha256": result.calibration.sha256,
+                        "per_class": list(result.calibration.per_class), "train_indices": list(result.calibration.indices)},
+        "models": [{"format": m.format, "fp32": m.fp32.to_dict(), "int8": m.int8.to_dict(),
+                    "fp32_test_acc": m.fp32_test_acc, "int8_test_acc": m.int8_test_acc, "drop_pts": m.drop_pts,
+                    "size_ratio": m.int8.size_bytes / m.fp32.size_bytes, "quantized_ops": m.quantized_ops,
+                    "float_compute_ops": m.float_compute_ops, "choice": m.choice} for m in result.models],
+    }
+
+
+def _checkpoint_for(model: Path) -> Path:
+    if not model.exists():
+        raise EdgeKDError(f"model not found: {model}")
+    if model.suffix == ".onnx":
+        for candidate in (model.parent / "best.pt", model.parent.parent / "best.pt"):
+            if candidate.is_file():
+                return candidate
+        raise EdgeKDError(f"no edgekd checkpoint beside {model}; give the checkpoint it was exported from")
+    if model.suffix == ".tflite":
+        raise EdgeKDError("a .tflite file cannot be re-quantized; give the edgekd checkpoint (or its .onnx) instead")
+    if model.is_dir():
+        if (model / "best.pt").is_file():
+            return model / "best.pt"
+        raise EdgeKDError(f"{model} holds no best.pt; give a checkpoint or a run directory")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over NCHW [0, 1] images, one at a time."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.items = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def _quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x, test_y, activation_type):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = tmp / "model.pre.onnx"
+    quant_pre_process(str(onnx_fp32), str(pre))
+    candidates = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    wanted = list(candidates) if activation_type == "auto" else [activation_type]
+    made = {}
+    for act in wanted:
+        path = tmp / f"model_int8_{act}.onnx"
+        quantize_static(str(pre), str(path), _Reader(calib_x.numpy()), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=candidates[act], weight_type=QuantType.QInt8)
+        made[act] = path
+    timings = {act: onnx_latency_ms(path) for act, path in made.items()} if len(made) > 1 else {}
+    best = min(timings, key=timings.get) if timings else wanted[0]
+    choice = {"activation_type": best, "weight_type": "int8", "format": "QDQ", "per_channel": True}
+    if timings:
+        choice["p50_ms_by_activation_type"] = timings
+        choice["why"] = f"{best} activations ran fastest on this CPU (batch 1, 1 thread, p50)"
+    else:
+        choice["why"] = "chosen by the user"
+    path = made[best]
+    quantized, float_ops = count_onnx_ops(path)
+    if quantized == 0:
+        raise EdgeKDError("onnxruntime left every compute operator in float: the model was not quantized")
+    art = check_onnx(path, check_x, reference, "int8")
+    fp32_acc = _accuracy(run_onnx(onnx_fp32, test_x.numpy()), test_y)
+    int8_acc = _accuracy(run_onnx(path, test_x.numpy()), test_y)
+    return QuantizedModel("onnx", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice)
+
+
+def count_onnx_ops(path: Path) -> tuple[int, int]:
+    """Compute ops fed by DequantizeLinear (run as int8 by onnxruntime) vs. those left in float."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    compute = [n for n in graph.node if n.op_type in QUANTIZED_COMPUTE]
+    quantized = sum(1 for n in compute if n.input and n.input[0] in dq_outputs)
+    return quantized, len(compute) - quantized
+
+
+def onnx_latency_ms(path: Path, runs: int = 200) -> float:
+    sess = onnx_session(path, threads=1)
+    x = np.random.default_rng(0).random(tuple(d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape),
+                                        dtype=np.float32)
+    name = sess.get_inputs()[0].name
+    for _ in range(20):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFLite
+
+
+def _quantize_tflite(onnx_fp32, tmp, calib_x, check_x, reference, test_x, test_y, io):
+    files = onnx_to_tflite(onnx_fp32, tmp / "tf", calibration=nhwc(calib_x), io_dtype="int8" if io == "float32" else io)
+    key = "integer_quant" if io == "float32" else "full_integer_quant"
+    if key not in files or "float32" not in files:
+        raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")
+    fp32_art = check_tflite(files["float32"], check_x, reference, "fp32")
+    art = check_tflite(files[key], check_x, reference, "int8")
+    quantized, float_ops = count_tflite_ops(files[key])
+    if quantized == 0:
+        raise EdgeKDError("the TFLite model's compute operators all stayed float: it was not quantized")
+    fp32_acc = _accuracy(TFLiteRunner(files["float32"])(nhwc(test_x)), test_y)
+    int8_acc = _accuracy(TFLiteRunner(files[key])(nhwc(test_x)), test_y)
+    choice = {"io": io, "activations": "int8", "weights": "int8 per-channel",
+              "why": "float32 I/O loads in MediaPipe and the TFLite Task Library, which refuse int8 input tensors"
+              if io == "float32" else f"{io} input and output tensors were asked for"}
+    return QuantizedModel("tflite", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice)
+
+
+def count_tflite_ops(path: Path) -> tuple[int, int]:
+    """Compute ops whose input tensor is int8 vs. those computing in float."""
+    runner = TFLiteRunner(path)
+    tensors = {t["index"]: t for t in runner.interp.get_tensor_details()}
+    quantized = floats = 0
+    for op in runner.interp._get_ops_details():  # LiteRT's op listing (no public equivalent)
+        if op["op_name"] not in TFLITE_COMPUTE:
+            continue
+        dtype = tensors[op["inputs"][0]]["dtype"]
+        if dtype in (np.int8, np.uint8, np.int16):
+            quantized += 1
+        else:
+            floats += 1
+    return quantized, floats
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(1) == y).mean() * 100.0)

@@ -1,0 +1,147 @@
+"""Export and quantization on a small trained model: parity, int8 proof, accuracy gate, integer I/O, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.errors import EdgeKDError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    """resnet8 trained briefly on the embedded digits (a real dataset recorded in config.json)."""
+    from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
+
+    out = tmp_path_factory.mktemp("digits")
+    train(DistillConfig(model=ModelConfig(arch="resnet8"), recipe=RecipeConfig(epochs=6)), out)
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def exported(digits_model):
+    from edgekd.export import export
+
+    return export(digits_model, ("onnx", "tflite"), fp16=True)
+
+
+def test_onnx_and_tflite_match_pytorch(exported, digits_model):
+    by_name = {a.path.name: a for a in exported.artifacts}
+    assert set(by_name) == {"model.onnx", "model_fp32.tflite", "model_fp16.tflite"}
+    onnx_art = by_name["model.onnx"]
+    assert onnx_art.max_abs_diff < 1e-4 and onnx_art.top1_agreement == 100.0 and onnx_art.layout == "NCHW"
+    tfl = by_name["model_fp32.tflite"]
+    assert tfl.max_abs_diff < 1e-3 and tfl.top1_agreement == 100.0 and tfl.layout == "NHWC"
+    sidecar = json.loads((digits_model.parent / "export" / "model_fp32.tflite.json").read_text())
+    assert sidecar["preprocessing"]["shape"] == [1, 8, 8, 1] and sidecar["status"] == "ok"
+    assert sidecar["preprocessing"]["classes"][:2] == ["0", "1"]
+    assert not list((digits_model.parent / "export").glob(".*"))  # no temporary leftovers
+
+
+def test_onnx_has_dynamic_batch_and_named_io(exported):
+    import onnx
+
+    model = onnx.load(str(exported.artifacts[0].path))
+    inp, out = model.graph.input[0], model.graph.output[0]
+    assert inp.name == "input" and out.name == "logits"
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.fixture(scope="module")
+def quantized(digits_model, tmp_path_factory):
+    from edgekd.quantize import quantize
+
+    return quantize(digits_model, calib_size=100, out_dir=tmp_path_factory.mktemp("q"))
+
+
+def test_int8_is_really_int8_and_accurate(quantized):
+    by_format = {m.format: m for m in quantized.models}
+    for fmt in ("onnx", "tflite"):
+        m = by_format[fmt]
+        assert m.quantized_ops > 0, fmt
+        assert m.int8.size_bytes < m.fp32.size_bytes
+        assert m.fp32_test_acc > 80 and m.drop_pts < 5, (fmt, m.fp32_test_acc, m.int8_test_acc)
+        assert m.int8.top1_agreement > 90
+    assert by_format["onnx"].choice["activation_type"] in ("uint8", "int8")
+    assert set(by_format["onnx"].choice["p50_ms_by_activation_type"]) == {"uint8", "int8"}
+    assert by_format["tflite"].int8.input_dtype == "float32"  # MediaPipe-loadable by default
+    assert len(quantized.calibration.indices) == 100 and max(quantized.calibration.per_class) - min(quantized.calibration.per_class) <= 1
+
+
+def test_calibration_sample_is_stratified_and_reproducible():
+    from edgekd.data import load_data
+    from edgekd.quantize import calibration_sample
+
+    data = load_data("digits")
+    a, b = calibration_sample(data, 50), calibration_sample(data, 50)
+    assert a == b and sum(a.per_class) == 50 and set(a.per_class) == {5}
+
+
+def test_integer_io_records_scale_and_zero_point(digits_model, tmp_path):
+    from edgekd.export import TFLiteRunner
+    from edgekd.quantize import quantize
+
+    res = quantize(digits_model, formats=("tflite",), calib_size=60, io="uint8", out_dir=tmp_path)
+    [m] = res.models
+    q = m.int8.extra["quantization"]
+    assert q["input"]["dtype"] == "uint8" and q["input"]["scale"] > 0
+    # the [0, 1] input range maps onto uint8's 0..255: pixel 0 near code 0, pixel 1 near code 255
+    assert 0 <= q["input"]["zero_point"] <= 2
+    assert abs(1.0 / q["input"]["scale"] + q["input"]["zero_point"] - 255) <= 2
+    r = TFLiteRunner(m.int8.path)
+    assert r.input_dtype == "uint8" and m.drop_pts < 5
+
+
+def test_accuracy_gate_exit_code_keeps_files_marked_failed(digits_model, tmp_path):
+    result = runner.invoke(app, ["quantize", str(digits_model), "-f", "onnx", "--calib-size", "50",
+                                 "--max-drop", "-100", "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "more than --max-drop" in result.output
+    sidecar = json.loads((tmp_path / "model_int8.onnx.json").read_text())
+    assert sidecar["status"] == "failed"
+    assert json.loads((tmp_path / "quantize.json").read_text())["passed"] is False
+
+
+def test_export_errors(digits_model, tmp_path):
+    result = runner.invoke(app, ["export", str(digits_model), "-f", "coreml"])
+    assert result.exit_code == 1 and "unknown format 'coreml'" in result.output
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    result = runner.invoke(app, ["export", str(bad), "--data", "digits"])
+    assert result.exit_code == 1 and "corrupt" in result.output
+    result = runner.invoke(app, ["quantize", str(tmp_path / "model.tflite")])
+    assert result.exit_code == 1 and "not found" in result.output
+
+
+def test_missing_converter_extra_is_named(digits_model, monkeypatch):
+    import builtins
+
+    from edgekd.export import export
+
+    real_import = builtins.__import__
+
+    def no_onnx2tf(name, *args, **kwargs):
+        if name == "onnx2tf":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx2tf)
+    with pytest.raises(EdgeKDError, match=r"pip install 'edgekd\[tf\]'"):
+        export(digits_model, ("tflite",))
+
+
+def test_conversion_failure_leaves_no_file(digits_model, tmp_path, monkeypatch):
+    import edgekd.export as ex
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported operator: FancyOp")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(EdgeKDError, match="ONNX export failed: Unsupported operator: FancyOp"):
+        ex.export(digits_model, ("onnx",), out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
