@@ -10,8 +10,11 @@ PyTorch, and only then renamed into place with a ``.json`` sidecar describing it
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -221,17 +224,42 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
         kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
                       custom_input_op_name_np_data_path=[["input", str(npy), np.zeros((1, 1, 1, c)), np.ones((1, 1, 1, c))]],
                       input_quant_dtype=io_dtype, output_quant_dtype=io_dtype)
+    log = folder.parent / "onnx2tf.log"
     try:
-        onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(folder), non_verbose=True,
-                        copy_onnx_input_output_names_to_tflite=True, **kwargs)
+        with captured_output(log):
+            onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(folder), non_verbose=True,
+                            copy_onnx_input_output_names_to_tflite=True, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln][-1:]
+        raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {(errors or [reason])[0].strip()}") from None
     stem = onnx_path.stem
     files = {kind: folder / f"{stem}_{kind}.tflite"
              for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
     return {k: v for k, v in files.items() if v.is_file()}
+
+
+@contextmanager
+def captured_output(log: Path):
+    """Send file descriptors 1 and 2 to ``log``: TensorFlow's converter prints straight to them,
+    which would corrupt ``--json`` output on stdout."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 class TFLiteRunner:
@@ -287,7 +315,11 @@ def _qparams(detail: dict) -> dict | None:
 
 
 def nhwc(x: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())  # (B, C, H, W) -> (B, H, W, C)
+    return nhwc_array(x.numpy())
+
+
+def nhwc_array(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
 
 
 def check_tflite(path: Path, x: torch.Tensor, reference: np.ndarray, precision: str) -> Artifact:

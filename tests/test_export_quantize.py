@@ -145,3 +145,15 @@ def test_conversion_failure_leaves_no_file(digits_model, tmp_path, monkeypatch):
     with pytest.raises(EdgeKDError, match="ONNX export failed: Unsupported operator: FancyOp"):
         ex.export(digits_model, ("onnx",), out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_stdout_stays_clean_through_the_converter(digits_model, tmp_path):
+    """TensorFlow's converter prints to fd 1 from C++; --json output must still parse."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edgekd.cli", "quantize", str(digits_model), "-f", "tflite",
+                           "--calib-size", "30", "--out", str(tmp_path), "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["models"][0]["format"] == "tflite" and report["calibration"]["size"] == 30
