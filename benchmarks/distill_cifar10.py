@@ -9,7 +9,7 @@ edgekd runs the same architectures, batch size and epochs through ``edgekd.train
 
 Usage:
     python benchmarks/distill_cifar10.py PHASE [PHASE ...] [--epochs N] [--seeds 0 1 2]
-Phases: seed002 keras edgekd edgekd-seeds default-student. Results are merged into
+Phases: seed002 keras edgekd edgekd-seeds edgekd-kd-v2 default-student. Results are merged into
 benchmarks/results/distill_cifar10.json; `report` renders the Markdown table.
 """
 
@@ -189,14 +189,14 @@ def keras_peer(epochs: int) -> None:
 # edgekd on the same pair, batch size and epochs.
 
 
-def _edgekd_cfg(arch: str, epochs: int, seed: int, teachers=(), lr=1e-3, **recipe):
+def _edgekd_cfg(arch: str, epochs: int, seed: int, teachers=(), lr=1e-3, views=2, temperature=10.0, **recipe):
     from edgekd import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 
     return DistillConfig(
         data=DataConfig(dataset=str(DATA), val_fraction=0.1),
         model=ModelConfig(arch=arch),
         recipe=RecipeConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=lr, seed=seed, **recipe),
-        kd=KDConfig(teachers=tuple(teachers), temperature=10.0, alpha=0.5, cache_views=2),
+        kd=KDConfig(teachers=tuple(teachers), temperature=temperature, alpha=0.5, cache_views=views),
     )
 
 
@@ -232,6 +232,11 @@ def edgekd_runs(epochs: int, seeds: list[int], phases: set[str]) -> None:
                  RUNS / f"scratch-{seed}", data)
             _run(f"edgekd/distill/{epochs}ep/seed{seed}",
                  _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, **aug), RUNS / f"distill-{seed}", data)
+    if "edgekd-kd-v2" in phases:  # more cached views (augmentation diversity), T = 4
+        for seed in seeds:
+            _run(f"edgekd/distill-v2-views4-T4/{epochs}ep/seed{seed}",
+                 _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, views=4, temperature=4.0, **aug),
+                 RUNS / f"distill-v2-{seed}", data)
     if "default-student" in phases:
         from edgekd import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 
@@ -264,7 +269,7 @@ def report() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phases", nargs="+", choices=["seed002", "keras", "edgekd", "edgekd-seeds", "default-student", "report"])
+    parser.add_argument("phases", nargs="+", choices=["seed002", "keras", "edgekd", "edgekd-seeds", "edgekd-kd-v2", "default-student", "report"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
@@ -278,7 +283,7 @@ def main() -> None:
         seed002(args.epochs)
     if "keras" in phases:
         keras_peer(args.epochs)
-    if phases & {"edgekd", "edgekd-seeds", "default-student"}:
+    if phases & {"edgekd", "edgekd-seeds", "edgekd-kd-v2", "default-student"}:
         edgekd_runs(args.epochs, args.seeds, phases)
     if "report" in phases:
         print(report())

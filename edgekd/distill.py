@@ -360,6 +360,10 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
                          str(rt.device), tuple(teacher_reports), tuple(state["history"]))
     if rt.main:
         atomic_write_json(out / "result.json", result.summary())
+    if rt.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return result
 
 

@@ -1,8 +1,9 @@
 """The whole experiment from one config: the only module that knows the order of the stages.
 
-Today it covers the training stages of the seeds' experiments: teachers trained (or loaded
-from files), a scratch student, the student distilled from the best teacher and from all of
-them, every one in its own resumable run directory, then one comparison table.
+Today it covers the seeds' experiments up to int8: teachers trained (or loaded from files), a
+scratch student, the student distilled from the best teacher and from all of them, every one
+in its own resumable run directory, then the best student exported and quantized to int8
+ONNX and TFLite, and one comparison table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ class TeacherEntry:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    quantize: bool = True  # export + int8-quantize the best student (by validation accuracy)
+    formats: tuple[str, ...] = ("onnx", "tflite")
+    calib_size: int = 300  # class-stratified training images for int8 calibration
+    io: str = "float32"  # TFLite input/output type; float32 loads in MediaPipe and the Task Library
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teachers: tuple[TeacherEntry, ...] = ()
@@ -34,6 +43,7 @@ class PipelineConfig:
     student_recipe: RecipeConfig = field(default_factory=RecipeConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     students: tuple[str, ...] = ("scratch", "kd_best", "kd_all")  # which student runs to make
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
 STUDENT_RUNS = ("scratch", "kd_best", "kd_all")
@@ -41,7 +51,7 @@ STUDENT_RUNS = ("scratch", "kd_best", "kd_all")
 
 def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     """Validate a parsed TOML document; unknown sections and keys are errors naming them."""
-    allowed = {"data", "teachers", "student", "student_recipe", "kd", "students"}
+    allowed = {"data", "teachers", "student", "student_recipe", "kd", "students", "deploy"}
     unknown = [k for k in values if k not in allowed]
     if unknown:
         raise EdgeKDError(f"unknown section [{unknown[0]}]; valid sections: {', '.join(sorted(allowed))}")
@@ -69,7 +79,8 @@ def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
         raise EdgeKDError("teacher names must be unique")
     return PipelineConfig(build(DataConfig, values.get("data", {}), "data"), tuple(teachers),
                           build(ModelConfig, values.get("student", {}), "student"),
-                          build(RecipeConfig, values.get("student_recipe", {}), "student_recipe"), kd, students)
+                          build(RecipeConfig, values.get("student_recipe", {}), "student_recipe"), kd, students,
+                          build(DeployConfig, values.get("deploy", {}), "deploy"))
 
 
 def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
@@ -94,9 +105,18 @@ class RunRow:
     out_dir: str
 
 
+@dataclass(frozen=True)
+class PipelineResult:
+    rows: tuple[RunRow, ...]
+    deployed: dict | None  # edgekd.quantize.result_dict of the best student, when deploy.quantize
+
+
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable[[str], None] | None = None,
-                 on_step=None) -> list[RunRow]:
-    """Train or load the teachers, then the student runs; completed runs with the same config are skipped."""
+                 on_step=None) -> PipelineResult:
+    """Train or load the teachers, then the student runs, then export and quantize the best student.
+
+    Completed runs with the same config are skipped, interrupted ones resumed.
+    """
     from edgekd.data import load_data
     from edgekd.distill import train
 
@@ -126,8 +146,34 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
         rows.append(_run_one(train, run_cfg, out / "students" / name, name, "student", data, on_stage, on_step))
     from edgekd.checkpoint import atomic_write_json
 
-    atomic_write_json(out / "summary.json", [r.__dict__ for r in rows])
-    return rows
+    deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
+    atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "deployed": deployed})
+    return PipelineResult(tuple(rows), deployed)
+
+
+def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage) -> dict | None:
+    """int8 ONNX/TFLite of the student with the best validation accuracy (skipped when up to date)."""
+    from edgekd.quantize import quantize, result_dict
+
+    students = [r for r in rows if r.role == "student"]
+    if not students:
+        return None
+    best = max(students, key=lambda r: r.val_acc)
+    ckpt = Path(best.out_dir) / "best.pt"
+    stamp = {"checkpoint": str(ckpt), "mtime_ns": ckpt.stat().st_mtime_ns, **dataclasses.asdict(deploy)}
+    stamp = json.loads(json.dumps(stamp))
+    report = out / "quantize.json"
+    if report.is_file() and (out / "stamp.json").is_file() and json.loads((out / "stamp.json").read_text()) == stamp:
+        if on_stage:
+            on_stage(f"deploy {best.name}: done before, skipped")
+        return {"student": best.name, **json.loads(report.read_text())}
+    if on_stage:
+        on_stage(f"deploy {best.name}: export and int8 quantization ({', '.join(deploy.formats)})")
+    result = quantize(ckpt, data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io, out_dir=out)
+    from edgekd.checkpoint import atomic_write_json
+
+    atomic_write_json(out / "stamp.json", stamp)
+    return {"student": best.name, **result_dict(result)}
 
 
 def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step) -> RunRow:

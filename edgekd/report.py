@@ -43,3 +43,18 @@ def pipeline_table(rows) -> Table:
         table.add_row(r.name, r.role, r.arch, f"{r.params:,}", _pct(r.val_acc), _pct(r.test_acc), delta,
                       reduction, ratio, f"{r.train_s:.1f} s")
     return table
+
+
+def deploy_table(deployed: dict) -> Table:
+    """fp32 and int8 files of the deployed student, each measured through its own runtime."""
+    table = Table(title=f"deployable files of student {deployed['student']} (top-1 on the test split, own runtime)")
+    for col in ("file", "runtime", "precision", "size", "top-1", "int8 ops", "size ratio", "drop"):
+        table.add_column(col, justify="left" if col in ("file", "runtime", "precision") else "right")
+    for m in deployed["models"]:
+        fp32, int8 = m["fp32"], m["int8"]
+        table.add_row(fp32["path"], fp32["runtime"], "fp32", f"{fp32['size_bytes'] / 1024:,.1f} KiB",
+                      _pct(m["fp32_test_acc"]), "-", "-", "-")
+        table.add_row(int8["path"], int8["runtime"], "int8", f"{int8['size_bytes'] / 1024:,.1f} KiB",
+                      _pct(m["int8_test_acc"]), str(m["quantized_ops"]), f"{m['size_ratio']:.2f}x",
+                      f"{m['drop_pts']:+.2f} pts")
+    return table

@@ -40,12 +40,15 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
         "teachers": [{"name": "t1", "model": {"arch": "resnet8"}, "recipe": recipe},
                      {"name": "t2", "model": {"arch": "seed003_teacher"}, "recipe": recipe}],
         "student": {"arch": "seed003_student"}, "student_recipe": recipe,
+        "deploy": {"formats": ["onnx"], "calib_size": 40},
     })
-    rows = run_pipeline(cfg, tmp_path)
-    assert [r.name for r in rows] == ["t1", "t2", "scratch", "kd_best", "kd_all"]
+    result = run_pipeline(cfg, tmp_path)
+    assert [r.name for r in result.rows] == ["t1", "t2", "scratch", "kd_best", "kd_all"]
+    [onnx] = result.deployed["models"]
+    assert onnx["format"] == "onnx" and onnx["quantized_ops"] > 0 and (tmp_path / "deploy" / "model_int8.onnx").is_file()
     stages = []
-    rows_again = run_pipeline(cfg, tmp_path, on_stage=stages.append)
-    assert all("skipped" in s for s in stages) and rows_again == rows
+    again = run_pipeline(cfg, tmp_path, on_stage=stages.append)
+    assert len(stages) == 6 and all("skipped" in s for s in stages) and again.rows == result.rows
     assert (tmp_path / "summary.json").is_file()
 
 
@@ -58,3 +61,4 @@ def test_readme_main_command_runs_the_embedded_default(tmp_path):
     result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "kd_all" in result.output and "seed002_teacher" in result.output
+    assert "model_int8.tflite" in result.output and "model_int8.onnx" in result.output

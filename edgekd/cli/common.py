@@ -96,6 +96,8 @@ def _guarded(fn):
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command with --resume to continue from the last completed epoch")
+    except OSError as exc:  # full disk, permissions: files are written atomically, so nothing is half-written
+        _fail(f"{exc.strerror or exc} ({exc.filename or 'file system'}); free space or fix permissions, then rerun")
 
 
 def _build_config(config, section_overrides):

@@ -23,7 +23,7 @@ def run_cmd(
     Interrupted runs continue where they stopped when the same command is run again.
     """
     from edgekd.pipeline import load_pipeline_config, run_pipeline
-    from edgekd.report import pipeline_table
+    from edgekd.report import deploy_table, pipeline_table
 
     cfg = _guarded(lambda: load_pipeline_config(config))
     with _progress() as progress:
@@ -33,10 +33,12 @@ def run_cmd(
             bars.reset()
             progress.console.print(f"[bold]{msg}[/]")
 
-        rows = _guarded(lambda: run_pipeline(cfg, out, on_stage=stage, on_step=bars))
-    err.print(pipeline_table(rows))
+        result = _guarded(lambda: run_pipeline(cfg, out, on_stage=stage, on_step=bars))
+    err.print(pipeline_table(result.rows))
+    if result.deployed:
+        err.print(deploy_table(result.deployed))
     if as_json:
-        sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+        sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "deployed": result.deployed}, indent=2) + "\n")
 
 
 @app.command("models")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,6 +22,9 @@ def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) 
     from edgekd.report import teacher_table, train_table
 
     out = out or Path("runs") / f"{command}-{cfg.model.arch.replace(':', '_')}"
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 talks
+        _guarded(lambda: train(cfg, out, resume=resume))
+        return
     with _progress() as progress:
         result = _guarded(lambda: train(cfg, out, resume=resume, on_step=_Bars(progress)))
     if result.teachers:
