@@ -62,3 +62,6 @@ def test_readme_main_command_runs_the_embedded_default(tmp_path):
     assert result.exit_code == 0, result.output
     assert "kd_all" in result.output and "seed002_teacher" in result.output
     assert "model_int8.tflite" in result.output and "model_int8.onnx" in result.output
+    deployed = tmp_path / "run" / "deploy"
+    for name in ("model.onnx", "model_int8.onnx", "model_fp32.tflite", "model_int8.tflite", "quantize.json"):
+        assert (deployed / name).is_file(), name
