@@ -526,32 +526,9 @@ def _load_keras_teacher(path: Path, device, mean, std) -> FunctionTeacher:
 
 @TEACHER_LOADERS.register("tflite")
 def _load_tflite_teacher(path: Path, device, mean, std) -> FunctionTeacher:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        raise EdgeKDError("TFLite teachers need LiteRT: pip install 'edgekd[tf]'") from None
-    try:
-        interp = Interpreter(model_path=str(path))
-        interp.allocate_tensors()
-    except Exception as exc:  # noqa: BLE001
-        raise EdgeKDError(f"could not load TFLite teacher {path}: {str(exc).splitlines()[0]}") from None
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    layout, size, channels = guess_layout(inp["shape"])
+    from edgekd.export import TFLiteRunner  # quantizes/dequantizes integer I/O with the file's own parameters
+
+    runner = TFLiteRunner(path)
+    layout, size, channels = guess_layout(runner.inp["shape"])
     spec = ForeignInput(layout, size, channels, mean, std)
-
-    def run_one(arr: np.ndarray) -> np.ndarray:
-        scale, zero = inp["quantization"]
-        if inp["dtype"] != np.float32:  # integer input: quantize with the model's own scale/zero point
-            info = np.iinfo(inp["dtype"])
-            arr = np.clip(np.round(arr / scale + zero), info.min, info.max).astype(inp["dtype"])
-        interp.set_tensor(inp["index"], arr)
-        interp.invoke()
-        res = interp.get_tensor(out["index"])
-        o_scale, o_zero = out["quantization"]
-        return (res.astype(np.float32) - o_zero) * o_scale if out["dtype"] != np.float32 else res
-
-    def run(x_unit):
-        arr = spec.prepare(x_unit)
-        return np.concatenate([run_one(arr[i:i + 1]) for i in range(len(arr))])
-
-    return FunctionTeacher(path.name, run, kind="tflite")
+    return FunctionTeacher(path.name, lambda x_unit: runner(spec.prepare(x_unit)), kind="tflite")
