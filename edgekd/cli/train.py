@@ -17,6 +17,22 @@ from edgekd.cli.common import (
 )
 
 
+# CLI option name -> config field, for the options `train` and `distill` share.
+_DATA_OPTS = {"data": "dataset", "data_dir": "data_dir", "download": "download", "val_fraction": "val_fraction",
+              "test_fraction": "test_fraction", "image_size": "image_size"}
+_RECIPE_OPTS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
+                "weight_decay": "weight_decay", "schedule": "schedule", "label_smoothing": "label_smoothing",
+                "pad": "augment_pad", "flip": "augment_flip", "seed": "seed", "device": "device"}
+
+
+def _data_section(options: dict) -> dict:
+    return {field: options[opt] for opt, field in _DATA_OPTS.items()}
+
+
+def _recipe_section(options: dict) -> dict:
+    return {field: options[opt] for opt, field in _RECIPE_OPTS.items()}
+
+
 def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) -> None:
     from edgekd.distill import train
     from edgekd.report import teacher_table, train_table
@@ -49,14 +65,12 @@ def train_cmd(
 
     Example: edgekd train --arch seed002_teacher --data ../shared/datasets/cifar10-jpeg --epochs 10
     """
+    opts = dict(locals())
     cfg = _guarded(lambda: _build_config(config, {
-        "data": dict(dataset=data, data_dir=data_dir, download=download, val_fraction=val_fraction,
-                     test_fraction=test_fraction, image_size=image_size),
+        "data": _data_section(opts),
         "model": dict(arch=arch, input_size=input_size, pretrained=pretrained, weights_path=weights,
                       trainable_layers=trainable_layers),
-        "recipe": dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                       schedule=schedule, label_smoothing=label_smoothing, augment_pad=pad, augment_flip=flip,
-                       seed=seed, device=device),
+        "recipe": _recipe_section(opts),
         "kd": {},
     }))
     if cfg.kd.teachers:
@@ -88,13 +102,11 @@ def distill_cmd(
 
     Example: edgekd distill -t runs/train-resnet_m/best.pt --student resnet8 --data digits
     """
+    opts = dict(locals())
     cfg = _guarded(lambda: _build_config(config, {
-        "data": dict(dataset=data, data_dir=data_dir, download=download, val_fraction=val_fraction,
-                     test_fraction=test_fraction, image_size=image_size),
+        "data": _data_section(opts),
         "model": dict(arch=student, input_size=input_size),
-        "recipe": dict(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                       schedule=schedule, label_smoothing=label_smoothing, augment_pad=pad, augment_flip=flip,
-                       seed=seed, device=device),
+        "recipe": _recipe_section(opts),
         "kd": dict(teachers=tuple(teacher) if teacher else None,
                    teacher_weights=tuple(teacher_weight) if teacher_weight else None, alpha=alpha,
                    temperature=temperature, cache_views=cache_views,
