@@ -10,6 +10,7 @@ split through their own runtimes, next to their fp32 counterparts.
 from __future__ import annotations
 
 import hashlib
+import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ from edgekd.export import (
 
 IO_TYPES = ("float32", "uint8", "int8")
 QUANTIZED_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+# 7-bit weights on x86: onnxruntime's x86 int8 kernels can saturate 16-bit intermediate sums with
+# full-range 8-bit weights. Measured on seed 002's CIFAR-10 student: top-1 70.70% fp32, 68.47% int8
+# without it (MinMax, percentile and entropy calibration alike), 70.69% with it.
+REDUCE_RANGE = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 TFLITE_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
 
 
@@ -221,11 +226,12 @@ def _quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x
     for act in wanted:
         path = tmp / f"model_int8_{act}.onnx"
         quantize_static(str(pre), str(path), _Reader(calib_x.numpy()), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=candidates[act], weight_type=QuantType.QInt8)
+                        activation_type=candidates[act], weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE)
         made[act] = path
     timings = {act: onnx_latency_ms(path) for act, path in made.items()} if len(made) > 1 else {}
     best = min(timings, key=timings.get) if timings else wanted[0]
-    choice = {"activation_type": best, "weight_type": "int8", "format": "QDQ", "per_channel": True}
+    choice = {"activation_type": best, "weight_type": "int8", "format": "QDQ", "per_channel": True,
+              "reduce_range": REDUCE_RANGE}
     if timings:
         choice["p50_ms_by_activation_type"] = timings
         choice["why"] = f"{best} activations ran fastest on this CPU (batch 1, 1 thread, p50)"
