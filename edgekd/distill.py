@@ -241,21 +241,24 @@ def _cache_key(cfg: DistillConfig, data: ImageData, pad: int, flip: bool) -> str
 
 
 def _load_or_build_cache(path: Path, key: str, teachers, data, views, pad, flip, seed, rt, on_step):
-    if rt.main and not _cache_matches(path, key):
+    """Rank 0 reuses a cache with the same key or builds and saves one; other ranks read it after."""
+    cache = _read_cache(path, key) if rt.main else None
+    if rt.main and cache is None:
         cache = build_teacher_cache(teachers, data.train_x, views, pad, flip, seed, on_step=on_step)
         atomic_write_bytes(path, lambda tmp: torch.save({"key": key, "params": cache.params, "logits": cache.logits}, tmp))
     _barrier(rt)
-    saved = torch.load(path, weights_only=True)
-    return TeacherCache(saved["params"], saved["logits"])
+    return cache if cache is not None else _read_cache(path, key)
 
 
-def _cache_matches(path: Path, key: str) -> bool:
+def _read_cache(path: Path, key: str) -> TeacherCache | None:
+    """The saved cache when it exists, is readable and was made with ``key``; None otherwise."""
     if not path.is_file():
-        return False
+        return None
     try:
-        return torch.load(path, weights_only=True).get("key") == key
+        saved = torch.load(path, weights_only=True)
     except Exception:  # noqa: BLE001 - an unreadable cache is simply rebuilt
-        return False
+        return None
+    return TeacherCache(saved["params"], saved["logits"]) if saved.get("key") == key else None
 
 
 # ---------------------------------------------------------------------------------------------

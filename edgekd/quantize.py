@@ -41,6 +41,7 @@ from edgekd.export import (
 )
 
 IO_TYPES = ("float32", "uint8", "int8")
+FILE_NAMES = {"onnx": ("model.onnx", "model_int8.onnx"), "tflite": ("model_fp32.tflite", "model_int8.tflite")}
 QUANTIZED_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 # 7-bit weights on x86: onnxruntime's x86 int8 kernels can saturate 16-bit intermediate sums with
 # full-range 8-bit weights. Measured on seed 002's CIFAR-10 student: top-1 70.70% fp32, 68.47% int8
@@ -160,9 +161,9 @@ def quantize(
         placed = []
         for m in result.models:
             status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
-            suffix = ".onnx" if m.format == "onnx" else ".tflite"
-            fp32 = _place(m.fp32, out / f"model_fp32{suffix}" if m.format == "tflite" else out / "model.onnx", meta)
-            int8 = _place(m.int8, out / f"model_int8{suffix}", meta, status)
+            fp32_name, int8_name = FILE_NAMES[m.format]
+            fp32 = _place(m.fp32, out / fp32_name, meta)
+            int8 = _place(m.int8, out / int8_name, meta, status)
             placed.append(QuantizedModel(m.format, fp32, int8, m.fp32_test_acc, m.int8_test_acc, m.quantized_ops,
                                          m.float_compute_ops, m.choice))
     result = QuantizeResult(calib, tuple(placed), max_drop)
