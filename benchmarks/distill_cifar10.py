@@ -161,28 +161,26 @@ def keras_peer(epochs: int) -> None:
 
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     n = len(x_train) * epochs
+
+    def timed_fit(key, trainer, evaluated):
+        t0 = time.perf_counter()
+        trainer.fit(x_train, y_train, batch_size=128, epochs=epochs, verbose=0)
+        s = time.perf_counter() - t0
+        record(f"keras/{key}/{epochs}ep", {"images_per_s": n / s, "seconds": s, "test_acc": evaluate(evaluated)})
+
     keras.utils.set_random_seed(42)
     teacher = teacher_net()
     teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce)
-    t0 = time.perf_counter()
-    teacher.fit(x_train, y_train, batch_size=128, epochs=epochs, verbose=0)
-    s = time.perf_counter() - t0
-    record(f"keras/teacher/{epochs}ep", {"images_per_s": n / s, "seconds": s, "test_acc": evaluate(teacher)})
+    timed_fit("teacher", teacher, teacher)
     student = student_net()
     student.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce)
-    t0 = time.perf_counter()
-    student.fit(x_train, y_train, batch_size=128, epochs=epochs, verbose=0)
-    s = time.perf_counter() - t0
-    record(f"keras/scratch/{epochs}ep", {"images_per_s": n / s, "seconds": s, "test_acc": evaluate(student)})
+    timed_fit("scratch", student, student)
     keras.utils.set_random_seed(42)
     student = student_net()
     distiller = Distiller(student, teacher)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-3), metrics=[keras.metrics.SparseCategoricalAccuracy()],
                       student_loss_fn=ce, distillation_loss_fn=keras.losses.KLDivergence(), alpha=0.5, temperature=10)
-    t0 = time.perf_counter()
-    distiller.fit(x_train, y_train, batch_size=128, epochs=epochs, verbose=0)
-    s = time.perf_counter() - t0
-    record(f"keras/distill/{epochs}ep", {"images_per_s": n / s, "seconds": s, "test_acc": evaluate(student)})
+    timed_fit("distill", distiller, student)
 
 
 # ------------------------------------------------------------------------------------------
