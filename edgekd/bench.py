@@ -1,18 +1,33 @@
-"""Stage 4 building blocks: batch-1 latency of a model through its own runtime.
+"""Stage 4: size, latency and accuracy of every variant against the teacher, on the CPU target.
 
-Timing follows LiteRT's benchmark_model and onnxruntime_perf_test: warm-up runs first, then
-at least ``min_runs`` timed runs and at least ``min_seconds`` of them, one image at a time,
-with the runtime's thread count fixed and reported.
+Every model runs through its own runtime (PyTorch, onnxruntime, LiteRT) on the full test split,
+so the accuracy is what a device would see, not the PyTorch number. Timing follows LiteRT's
+benchmark_model and onnxruntime_perf_test: warm-up runs first, then at least ``min_runs`` timed
+single-image runs and at least ``min_seconds`` of them, with the runtime's thread count fixed
+and reported. A model that cannot be benchmarked (unknown format, wrong input or class count,
+missing runtime) becomes a row with ``status: "failed"`` and the reason; the others still run.
+
+The JSON written by :func:`BenchReport.to_dict` follows ``edgekd/schemas/bench-1.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from edgekd.errors import EdgeKDError
+from edgekd.registry import Registry
+
+SCHEMA = "edgekd.bench/1"
+RUNTIMES: Registry[Callable[..., "Loaded"]] = Registry("model format")
+SUFFIX_FORMAT = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx", ".tflite": "tflite"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +43,7 @@ class LatencyStats:
     @classmethod
     def from_seconds(cls, seconds: list[float], threads: int) -> "LatencyStats":
         ms = np.asarray(seconds, dtype=np.float64) * 1e3
-        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])  # linear interpolation, as numpy's default
         return cls(len(ms), threads, float(p50), float(p90), float(p99), float(ms.mean()), float(ms.std()))
 
 
@@ -46,27 +61,46 @@ def time_calls(fn: Callable[[], object], *, warmup: int = 10, min_runs: int = 50
     return LatencyStats.from_seconds(times, threads)
 
 
+# ---------------------------------------------------------------------------------------------
+# Runtimes: one loader per format, each returning the same small interface.
+
+
+@dataclass
+class Loaded:
+    """A model ready to run: ``predict`` on NCHW [0, 1] float32 batches, plus what it is."""
+
+    format: str
+    runtime: str
+    precision: str
+    channels: int
+    input_size: tuple[int, int]
+    classes: tuple[str, ...] | None  # None when the file does not say
+    predict: Callable[[np.ndarray], np.ndarray]  # (B, C, H, W) -> (B, K) scores
+    single: Callable[[np.ndarray], Callable[[], object]]  # (1, C, H, W) -> a zero-argument timed call
+    batched: Callable[[np.ndarray], Callable[[], object]]  # (B, C, H, W) -> a zero-argument timed call
+    source: Path | None = None  # the edgekd checkpoint a file was exported from
+    params: int | None = None
+    macs: int | None = None
+
+
 def latency_fn(path: str | Path, x_nchw: np.ndarray, threads: int = 1) -> Callable[[], object]:
     """A zero-argument call running one image through the file's runtime (.pt, .onnx, .tflite)."""
     path = Path(path)
-    if path.suffix == ".onnx":
-        from edgekd.export import onnx_session
+    return load_runtime(path, threads).single(x_nchw)
 
-        sess = onnx_session(path, threads)
-        name = sess.get_inputs()[0].name
-        return lambda: sess.run(None, {name: x_nchw})
-    if path.suffix == ".tflite":
-        from edgekd.export import TFLiteRunner, nhwc_array
 
-        runner = TFLiteRunner(path, threads)
-        x = nhwc_array(x_nchw)
+def load_runtime(path: Path, threads: int = 1) -> Loaded:
+    fmt = SUFFIX_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise EdgeKDError(f"unknown model format {path.suffix or path.name!r}: give an edgekd checkpoint (.pt), "
+                          "an .onnx or a .tflite file, or a run directory")
+    if not path.is_file():
+        raise EdgeKDError(f"model not found: {path}")
+    return RUNTIMES.get(fmt)(path, threads)
 
-        def invoke():
-            runner.set_input(x)
-            runner.interp.invoke()
-            return runner.get_output()
 
-        return invoke
+@RUNTIMES.register("pytorch")
+def _load_pytorch(path: Path, threads: int) -> Loaded:
     import torch
 
     from edgekd.checkpoint import load_model
@@ -75,10 +109,498 @@ def latency_fn(path: str | Path, x_nchw: np.ndarray, threads: int = 1) -> Callab
     torch.set_num_threads(threads)
     model, meta = load_model(path)
     net = Deployable(model, meta["mean"], meta["std"]).eval()
-    xt = torch.from_numpy(x_nchw)
 
-    def forward():
+    def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return net(xt)
+            return np.concatenate([net(torch.from_numpy(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
 
-    return forward
+    def call(x: np.ndarray):
+        xt = torch.from_numpy(x)
+
+        def forward():
+            with torch.inference_mode():
+                return net(xt)
+
+        return forward
+
+    params, macs = model_cost(model, int(meta["in_channels"]), tuple(meta["input_size"]))
+    return Loaded("pytorch", f"torch {torch.__version__}", "fp32", int(meta["in_channels"]), tuple(meta["input_size"]),
+                  tuple(meta["classes"]), predict, call, call, path, params, macs)
+
+
+@RUNTIMES.register("onnx")
+def _load_onnx(path: Path, threads: int) -> Loaded:
+    import onnxruntime as ort
+
+    from edgekd.export import onnx_session, run_onnx
+
+    sess = onnx_session(path, threads)
+    inp = sess.get_inputs()[0]
+    if len(inp.shape) != 4 or not all(isinstance(d, int) for d in inp.shape[1:]):
+        raise EdgeKDError(f"{path.name}: input shape {inp.shape} is not (batch, channels, height, width)")
+    name = inp.name
+    side = _sidecar(path)
+
+    def call(x: np.ndarray):
+        return lambda: sess.run(None, {name: x})
+
+    precision = "int8" if any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in _onnx_nodes(path)) else "fp32"
+    return Loaded("onnx", f"onnxruntime {ort.__version__}", precision, int(inp.shape[1]), (int(inp.shape[2]), int(inp.shape[3])),
+                  _classes(side), lambda x: run_onnx(sess, x), call, call, _source(path, side))
+
+
+def _onnx_nodes(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
+
+
+@RUNTIMES.register("tflite")
+def _load_tflite(path: Path, threads: int) -> Loaded:
+    from edgekd.export import TFLiteRunner, nhwc_array
+
+    runner = TFLiteRunner(path, threads)
+    shape = runner.inp["shape"]  # (1, H, W, C)
+    if len(shape) != 4:
+        raise EdgeKDError(f"{path.name}: input shape {list(shape)} is not (batch, height, width, channels)")
+    side = _sidecar(path)
+    precision = "int8" if _tflite_is_int8(runner) else ("fp16" if "fp16" in path.stem else "fp32")
+
+    def call(x: np.ndarray):
+        x = nhwc_array(x)
+
+        def invoke():
+            runner.set_input(x)
+            runner.interp.invoke()
+            return runner.get_output()
+
+        return invoke
+
+    def batched(x: np.ndarray):
+        # A second interpreter resized to the batch; files with a fixed batch of 1 loop instead.
+        try:
+            big = TFLiteRunner(path, threads)
+            big.interp.resize_tensor_input(big.inp["index"], [len(x), *shape[1:]])
+            big.interp.allocate_tensors()
+            big.inp = big.interp.get_input_details()[0]
+            big.out = big.interp.get_output_details()[0]
+        except Exception:  # noqa: BLE001 - not resizable: fall back to one image at a time
+            return lambda: runner(nhwc_array(x))
+        xb = nhwc_array(x)
+
+        def invoke():
+            big.set_input(xb)
+            big.interp.invoke()
+            return big.get_output()
+
+        return invoke
+
+    from importlib.metadata import version
+
+    return Loaded("tflite", f"litert {version('ai-edge-litert')}", precision, int(shape[3]), (int(shape[1]), int(shape[2])),
+                  _classes(side), lambda x: runner(nhwc_array(x)), call, batched, _source(path, side))
+
+
+def _tflite_is_int8(runner) -> bool:
+    from edgekd.quantize import count_tflite_ops
+
+    return count_tflite_ops(runner)[0] > 0
+
+
+def _sidecar(path: Path) -> dict:
+    side = path.with_name(path.name + ".json")
+    try:
+        return json.loads(side.read_text()) if side.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _classes(side: dict) -> tuple[str, ...] | None:
+    classes = side.get("preprocessing", {}).get("classes")
+    return tuple(classes) if classes else None
+
+
+def _source(path: Path, side: dict) -> Path | None:
+    src = side.get("source_checkpoint")
+    if not src:
+        return None
+    full = (path.parent / src).resolve()
+    return full if full.is_file() else None
+
+
+def model_cost(model, channels: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Parameters and multiply-accumulates for one image (torch's FLOP counter, FLOPs / 2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edgekd.zoo import count_params
+
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    with counter, torch.no_grad():
+        model(torch.zeros(1, channels, *size))
+    model.train(was_training)
+    return count_params(model), int(counter.get_total_flops() // 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows and the report.
+
+
+@dataclass(frozen=True)
+class Delta:
+    """``row`` against a reference row: positive ``acc_pts`` means more accurate, ``speedup`` > 1 faster."""
+
+    against: str
+    acc_pts: float
+    speedup: float | None
+    size_reduction_pct: float
+    compression: float
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    path: str
+    role: str  # teacher, student, variant
+    status: str  # ok, failed
+    error: str | None = None
+    format: str | None = None
+    runtime: str | None = None
+    precision: str | None = None
+    size_bytes: int | None = None
+    params: int | None = None
+    macs: int | None = None
+    top1: float | None = None
+    top5: float | None = None
+    agreement: float | None = None  # % of test images with the teacher's top-1
+    per_class: tuple[float, ...] | None = None
+    confusion: tuple[tuple[int, ...], ...] | None = None
+    latency: LatencyStats | None = None
+    throughput_ips: float | None = None
+    batch: int | None = None
+    vs_teacher: Delta | None = None
+    vs_fp32: Delta | None = None
+    warnings: tuple[str, ...] = ()
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    data: dict
+    settings: dict
+    env: dict
+    rows: tuple[BenchRow, ...]
+    teacher: str | None
+    focus: str | None  # the student variant the confusion plots compare with the teacher
+    histories: dict = field(default_factory=dict)  # row name -> per-epoch history of its run
+
+    @property
+    def failed(self) -> list[BenchRow]:
+        return [r for r in self.rows if r.status != "ok"]
+
+    def row(self, name: str | None) -> BenchRow | None:
+        return next((r for r in self.rows if r.name == name), None)
+
+    def to_dict(self) -> dict:
+        def conv(obj):
+            if isinstance(obj, (LatencyStats, Delta)):
+                return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+            if isinstance(obj, tuple):
+                return [conv(v) for v in obj]
+            return obj
+
+        rows = [{k: conv(getattr(r, k)) for k in r.__dataclass_fields__} for r in self.rows]
+        return {"schema": SCHEMA, "data": self.data, "settings": self.settings, "env": self.env,
+                "teacher": self.teacher, "focus": self.focus, "models": rows, "histories": self.histories}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path
+    name: str
+    role: str  # teacher, student, variant
+
+
+def collect_models(models: list[str | Path], teacher: str | Path | None = None) -> tuple[list[ModelSpec], str | None]:
+    """Expand run directories into their models; return the specs and the reference teacher's name.
+
+    A pipeline run directory gives its teachers, students and deploy files, with the teacher of
+    best validation accuracy as the reference; a training run directory gives its ``best.pt``;
+    an export directory gives its model files.
+    """
+    specs: list[ModelSpec] = []
+    reference = None
+    for m in models:
+        p = Path(m)
+        if p.is_dir():
+            found, ref = _expand_dir(p)
+            if not found:
+                raise EdgeKDError(f"{p} holds no models (.pt, .onnx, .tflite); give model files or a run directory")
+            specs += found
+            reference = reference or ref
+        else:
+            specs.append(ModelSpec(p, _name(p), "student" if SUFFIX_FORMAT.get(p.suffix) == "pytorch" else "variant"))
+    if teacher is not None:
+        t = Path(teacher)
+        match = next((s for s in specs if s.path.resolve() == t.resolve()), None)
+        if match is None:
+            match = ModelSpec(t, _name(t), "teacher")
+            specs.insert(0, match)
+        specs = [ModelSpec(s.path, s.name, "teacher") if s is match else s for s in specs]
+        reference = match.name
+    names = [s.name for s in specs]
+    specs = [ModelSpec(s.path, s.name if names.count(s.name) == 1 else str(s.path), s.role) for s in specs]
+    if reference and reference not in {s.name for s in specs}:
+        reference = next((s.name for s in specs if s.role == "teacher"), None)
+    return specs, reference
+
+
+def _name(p: Path) -> str:
+    return f"{p.parent.name}/{p.name}" if p.name in ("best.pt", "last.pt") else p.name
+
+
+def _expand_dir(p: Path) -> tuple[list[ModelSpec], str | None]:
+    specs, ref, best = [], None, -1.0
+    if (p / "teachers").is_dir() or (p / "students").is_dir():
+        for role in ("teachers", "students"):
+            for run in sorted((p / role).glob("*/best.pt")):
+                specs.append(ModelSpec(run, run.parent.name, role[:-1]))
+                if role == "teachers":
+                    acc = _val_acc(run.parent)
+                    if acc > best:
+                        ref, best = run.parent.name, acc
+        deploy = p / "deploy"
+        specs += [ModelSpec(f, f"deploy/{f.name}", "variant") for f in _model_files(deploy)] if deploy.is_dir() else []
+        return specs, ref
+    if (p / "best.pt").is_file():
+        return [ModelSpec(p / "best.pt", p.name, "student")], None
+    return [ModelSpec(f, f.name, "student" if f.suffix == ".pt" else "variant") for f in _model_files(p)], None
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.suffix in (".onnx", ".tflite") and not f.name.startswith("."))
+
+
+def _val_acc(run_dir: Path) -> float:
+    try:
+        return float(json.loads((run_dir / "result.json").read_text())["best_val_acc"])
+    except (OSError, KeyError, ValueError):
+        return -1.0
+
+
+def bench(
+    models: list[str | Path],
+    *,
+    data=None,
+    teacher: str | Path | None = None,
+    threads: int = 1,
+    batch: int = 32,
+    min_runs: int = 50,
+    min_seconds: float = 1.0,
+    warmup: int = 10,
+    on_step: Callable[[str, int, int, dict], None] | None = None,
+) -> BenchReport:
+    """Benchmark every model (files or run directories) on the test split and against the teacher.
+
+    Example:
+        >>> rep = bench(["runs/default"])  # doctest: +SKIP
+        >>> [(r.name, r.top1, r.latency.p50_ms) for r in rep.rows]  # doctest: +SKIP
+    """
+    if threads < 1 or batch < 1 or min_runs < 1:
+        raise EdgeKDError("--threads, --batch and --runs must be at least 1")
+    specs, reference = collect_models(models, teacher)
+    data = _resolve_bench_data(specs, data)
+    x_u8, y = data.test_x, data.test_y.numpy()
+    rows: list[BenchRow] = []
+    preds: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(specs):
+        if on_step:
+            on_step("models", i, len(specs), {"name": spec.name})
+        try:
+            row, preds[spec.name] = _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmup)
+        except EdgeKDError as exc:
+            row = BenchRow(spec.name, str(spec.path), spec.role, "failed", str(exc))
+        except ImportError as exc:
+            row = BenchRow(spec.name, str(spec.path), spec.role, "failed",
+                           f"runtime missing ({exc.name}): pip install 'edgekd[all]'")
+        rows.append(row)
+    if on_step:
+        on_step("models", len(specs), len(specs), {})
+    if reference in preds:  # agreement with the teacher's top-1, image by image
+        rows = [dataclasses.replace(r, agreement=float((preds[r.name] == preds[reference]).mean() * 100.0))
+                if r.name in preds else r for r in rows]
+    by_name = {r.name: r for r in rows}
+    rows = _with_deltas(rows, by_name.get(reference))
+    focus = _focus(rows, reference)
+    histories = {s.name: _history(s.path) for s in specs if _history(s.path)}
+    return BenchReport(
+        {"name": data.name, "classes": list(data.classes), "test_images": int(len(y))},
+        {"threads": threads, "batch": batch, "min_runs": min_runs, "min_seconds": min_seconds, "warmup": warmup},
+        environment(), tuple(rows), reference if reference in by_name else None, focus, histories)
+
+
+def _resolve_bench_data(specs: list[ModelSpec], data):
+    from edgekd.data import ImageData, load_data
+    from edgekd.export import resolve_data
+
+    if isinstance(data, ImageData):
+        return data
+    if data:
+        return load_data(data)
+    for s in specs:
+        ckpts = [s.path] if s.path.suffix == ".pt" else []
+        src = _source(s.path, _sidecar(s.path)) if s.path.suffix in (".onnx", ".tflite") else None
+        for c in ckpts + ([src] if src else []):
+            if (c.parent / "config.json").is_file():
+                return resolve_data(c, None)
+    raise EdgeKDError("no dataset recorded with these models; pass --data SPEC with the images they were trained on")
+
+
+def _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmup):
+    from edgekd.zoo import fit_input
+    from edgekd.data import to_unit
+
+    loaded = load_runtime(spec.path, threads)
+    if loaded.classes is not None and list(loaded.classes) != list(data.classes):
+        raise EdgeKDError(f"{spec.name} was trained on classes {list(loaded.classes)[:5]}..., the data has "
+                          f"{list(data.classes)[:5]}...; pass the --data it was trained on")
+    if loaded.channels not in (1, 3) or (loaded.channels == 1 and data.channels == 3):
+        raise EdgeKDError(f"{spec.name} takes {loaded.channels}-channel input, the data has {data.channels} channels")
+    x = fit_input(to_unit(x_u8), loaded.channels, loaded.input_size).numpy()  # (N, C, H, W) in [0, 1]
+    scores = loaded.predict(x)
+    if scores.ndim != 2 or scores.shape[1] != data.num_classes:
+        raise EdgeKDError(f"{spec.name} outputs {scores.shape[1:]} scores per image, the data has "
+                          f"{data.num_classes} classes")
+    pred = scores.argmax(1)
+    params, macs = loaded.params, loaded.macs
+    if loaded.source is not None and params is None:
+        params, macs = _source_cost(loaded.source)
+    latency = time_calls(loaded.single(x[:1]), warmup=warmup, min_runs=min_runs, min_seconds=min_seconds,
+                         threads=threads)
+    xb = x[np.arange(batch) % len(x)]
+    batch_stats = time_calls(loaded.batched(xb), warmup=2, min_runs=5, min_seconds=min(0.5, min_seconds),
+                             threads=threads)
+    acc = metrics(scores, y, data.num_classes)
+    row = BenchRow(
+        spec.name, str(spec.path), spec.role, "ok", None, loaded.format, loaded.runtime, loaded.precision,
+        spec.path.stat().st_size, params, macs, acc["top1"], acc["top5"], None, acc["per_class"], acc["confusion"], latency, batch / (batch_stats.p50_ms / 1e3), batch,
+        source=str(loaded.source) if loaded.source else None)
+    return row, pred
+
+
+_COSTS: dict[str, tuple[int, int]] = {}
+
+
+def _source_cost(ckpt: Path) -> tuple[int, int]:
+    key = str(ckpt.resolve())
+    if key not in _COSTS:
+        from edgekd.checkpoint import load_model
+
+        model, meta = load_model(ckpt)
+        _COSTS[key] = model_cost(model, int(meta["in_channels"]), tuple(meta["input_size"]))
+    return _COSTS[key]
+
+
+def metrics(scores: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+    """Top-1, top-5 (more than 5 classes only), per-class accuracy and the confusion matrix (scikit-learn)."""
+    from sklearn.metrics import confusion_matrix, top_k_accuracy_score
+
+    labels = np.arange(num_classes)
+    cm = confusion_matrix(y, scores.argmax(1), labels=labels)  # rows: true class, columns: predicted
+    totals = cm.sum(1)
+    per_class = tuple(float(c / t * 100.0) if t else None for c, t in zip(np.diag(cm), totals))  # None: class absent
+    top5 = float(top_k_accuracy_score(y, scores, k=5, labels=labels) * 100.0) if num_classes > 5 else None
+    return {"top1": float(np.trace(cm) / max(1, cm.sum()) * 100.0), "top5": top5, "per_class": per_class,
+            "confusion": tuple(tuple(int(v) for v in r) for r in cm)}
+
+
+def delta(row: BenchRow, ref: BenchRow) -> Delta:
+    """Accuracy change in points, speed-up (reference p50 / row p50), size reduction and compression."""
+    speed = ref.latency.p50_ms / row.latency.p50_ms if row.latency and ref.latency else None
+    return Delta(ref.name, row.top1 - ref.top1, speed, (1.0 - row.size_bytes / ref.size_bytes) * 100.0,
+                 ref.size_bytes / row.size_bytes)
+
+
+def fp32_counterpart(row: BenchRow, rows: list[BenchRow]) -> BenchRow | None:
+    """The fp32 model an int8 (or exported) row came from: same format and folder, else its checkpoint."""
+    ok = [r for r in rows if r.status == "ok" and r is not row]
+    if row.precision == "int8":
+        same = [r for r in ok if r.format == row.format and r.precision == "fp32"
+                and Path(r.path).parent == Path(row.path).parent]
+        if same:
+            return same[0]
+    if row.format != "pytorch" and row.source:
+        return next((r for r in ok if r.format == "pytorch" and Path(r.path).resolve() == Path(row.source).resolve()), None)
+    return None
+
+
+def _with_deltas(rows: list[BenchRow], teacher: BenchRow | None) -> list[BenchRow]:
+    out = []
+    for r in rows:
+        if r.status != "ok":
+            out.append(r)
+            continue
+        vs_t = delta(r, teacher) if teacher is not None and teacher.status == "ok" and r is not teacher else None
+        base = fp32_counterpart(r, rows)
+        vs_f = delta(r, base) if base is not None else None
+        warnings = []
+        if r.precision == "int8" and vs_f is not None and vs_f.speedup is not None and vs_f.speedup < 1.0:
+            warnings.append(_slow_int8_warning(r, base, vs_f))
+        out.append(dataclasses.replace(r, vs_teacher=vs_t, vs_fp32=vs_f, warnings=tuple(warnings)))
+    return out
+
+
+def _slow_int8_warning(row: BenchRow, base: BenchRow, d: Delta) -> str:
+    size = f"{row.macs / 1e6:.1f} M multiply-accumulates per image" if row.macs else "a small model"
+    cause = (f"likely cause: at {size}, the quantize/dequantize steps and per-operator overhead cost more than "
+             "int8 arithmetic saves" if not row.macs or row.macs < 100e6 else
+             "likely cause: operators without fast int8 kernels on this CPU fall back to float around QDQ pairs")
+    return (f"{row.name}: int8 p50 {row.latency.p50_ms:.3f} ms is {1 / d.speedup:.2f}x slower than fp32 "
+            f"{base.name} ({base.latency.p50_ms:.3f} ms); {cause}")
+
+
+def _focus(rows: list[BenchRow], teacher: str | None) -> str | None:
+    ok = [r for r in rows if r.status == "ok" and r.name != teacher]
+    int8 = [r for r in ok if r.precision == "int8"]
+    pool = int8 or ok
+    return max(pool, key=lambda r: r.top1).name if pool else None
+
+
+def _history(path: Path) -> list[dict] | None:
+    f = path.parent / "history.json" if path.suffix == ".pt" else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def environment() -> dict:
+    """CPU model, the instruction-set flags that matter for int8 and float kernels, and runtime versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                                     "avx512_bf16", "amx_int8", "amx_bf16", "neon", "asimddp") if f in have]
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("edgekd", "torch", "onnxruntime", "ai-edge-litert", "tensorflow", "numpy"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    import os
+
+    return {"cpu": cpu, "machine": platform.machine(), "cpu_flags": flags, "logical_cpus": os.cpu_count(),
+            "python": platform.python_version(), "os": platform.platform(), "versions": versions}

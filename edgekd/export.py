@@ -141,7 +141,7 @@ def export(
         onnx_tmp = to_onnx(net, x, tmp / "model.onnx")
         onnx_art = check_onnx(onnx_tmp, x, reference, "fp32")
         if "onnx" in formats:
-            artifacts.append(_place(onnx_art, out / "model.onnx", meta))
+            artifacts.append(_place(onnx_art, out / "model.onnx", meta, checkpoint))
         if "tflite" in formats:
             if on_step:
                 on_step("tflite: converting with onnx2tf and checking with LiteRT")
@@ -149,7 +149,7 @@ def export(
             wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])
             for precision, path in wanted:
                 art = check_tflite(path, x, reference, precision)
-                artifacts.append(_place(art, out / f"model_{precision}.tflite", meta))
+                artifacts.append(_place(art, out / f"model_{precision}.tflite", meta, checkpoint))
     return ExportResult(checkpoint, tuple(artifacts))
 
 
@@ -332,12 +332,16 @@ def check_tflite(path: Path, x: torch.Tensor, reference: np.ndarray, precision: 
                     len(x), {"quantization": runner.quantization()})
 
 
-def _place(art: Artifact, dest: Path, meta: dict, status: str = "ok") -> Artifact:
-    """Move a checked file into place (atomic rename) and write its sidecar."""
+def _place(art: Artifact, dest: Path, meta: dict, source: Path, status: str = "ok") -> Artifact:
+    """Move a checked file into place (atomic rename) and write its sidecar.
+
+    The sidecar names the checkpoint the file came from, relative to the file's folder, so a
+    run directory can be moved and still be traced."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.copyfile(art.path, tmp)
     tmp.replace(dest)
     placed = Artifact(**{**art.__dict__, "path": dest})
     atomic_write_json(dest.with_name(dest.name + ".json"),
-                      {**placed.to_dict(), "status": status, "preprocessing": preprocessing(meta, art.layout)})
+                      {**placed.to_dict(), "status": status, "source_checkpoint": os.path.relpath(source, dest.parent),
+                       "preprocessing": preprocessing(meta, art.layout)})
     return placed

@@ -162,8 +162,8 @@ def quantize(
         for m in result.models:
             status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
             fp32_name, int8_name = FILE_NAMES[m.format]
-            fp32 = _place(m.fp32, out / fp32_name, meta)
-            int8 = _place(m.int8, out / int8_name, meta, status)
+            fp32 = _place(m.fp32, out / fp32_name, meta, checkpoint)
+            int8 = _place(m.int8, out / int8_name, meta, checkpoint, status)
             placed.append(QuantizedModel(m.format, fp32, int8, m.fp32_test_acc, m.int8_test_acc, m.quantized_ops,
                                          m.float_compute_ops, m.choice))
     result = QuantizeResult(calib, tuple(placed), max_drop)
@@ -296,9 +296,9 @@ def _quantize_tflite(onnx_fp32, tmp, calib_x, check_x, reference, test_x, test_y
     return QuantizedModel("tflite", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice)
 
 
-def count_tflite_ops(path: Path) -> tuple[int, int]:
+def count_tflite_ops(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
     """Compute ops whose input tensor is int8 vs. those computing in float."""
-    runner = TFLiteRunner(path)
+    runner = path_or_runner if isinstance(path_or_runner, TFLiteRunner) else TFLiteRunner(path_or_runner)
     tensors = {t["index"]: t for t in runner.interp.get_tensor_details()}
     quantized = floats = 0
     for op in runner.interp._get_ops_details():  # LiteRT's op listing (no public equivalent)

@@ -61,3 +61,217 @@ def deploy_table(deployed: dict) -> Table:
                       _pct(m["int8_test_acc"]), str(m["quantized_ops"]), f"{m['size_ratio']:.2f}x",
                       f"{m['drop_pts']:+.2f} pts")
     return table
+
+
+# ---------------------------------------------------------------------------------------------
+# edgekd bench: terminal table, Markdown, PNG plots and one self-contained HTML report.
+
+BENCH_COLUMNS = ("model", "role", "format", "precision", "status", "size", "params", "MMACs", "top-1", "top-5",
+                 "agree", "p50 ms", "p90 ms", "p99 ms", "img/s", "vs teacher", "speed-up", "size -%", "vs fp32")
+
+
+def _num(x, fmt: str, none: str = "-") -> str:
+    return none if x is None or x != x else format(x, fmt)
+
+
+def bench_cells(r) -> list[str]:
+    """One row of the bench table as strings (shared by the terminal, Markdown and HTML)."""
+    if r.status != "ok":
+        return [r.name, r.role, r.format or "-", r.precision or "-", "failed"] + ["-"] * (len(BENCH_COLUMNS) - 5)
+    t, f, lat = r.vs_teacher, r.vs_fp32, r.latency
+    return [r.name, r.role, r.format, r.precision, "ok", f"{r.size_bytes / 1024:,.1f} KiB", _num(r.params, ","),
+            _num(None if r.macs is None else r.macs / 1e6, ".2f"), _num(r.top1, ".2f"), _num(r.top5, ".2f"),
+            _num(r.agreement, ".1f"), f"{lat.p50_ms:.3f}", f"{lat.p90_ms:.3f}", f"{lat.p99_ms:.3f}",
+            f"{r.throughput_ips:,.0f}", "-" if t is None else f"{t.acc_pts:+.2f} pts",
+            "-" if t is None or t.speedup is None else f"{t.speedup:.2f}x",
+            "-" if t is None else f"{t.size_reduction_pct:.1f}%",
+            "-" if f is None else f"{f.acc_pts:+.2f} pts, {f.speedup:.2f}x, {f.compression:.2f}x smaller"]
+
+
+def bench_table(report) -> Table:
+    """The terminal view: fewer, combined columns than the Markdown table so it fits 140 characters."""
+    s = report.settings
+    table = Table(title=f"edgekd bench: {report.data['name']} test split ({report.data['test_images']:,} images), "
+                        f"batch 1 on {s['threads']} thread(s), img/s at batch {s['batch']}",
+                  caption="agree: % of test images with the teacher's top-1; vs teacher: accuracy points, speed-up "
+                          "(p50), size change; vs fp32: the same-format fp32 file (or source checkpoint)")
+    for col in ("model", "runtime", "size", "top-1", "agree", "p50 ms", "p99 ms", "img/s", "vs teacher", "vs fp32"):
+        table.add_column(col, justify="left" if col in ("model", "runtime") else "right", no_wrap=True)
+    for r in report.rows:
+        if r.status != "ok":
+            table.add_row(r.name, "failed", *["-"] * 8, style="red")
+            continue
+        t, f, lat = r.vs_teacher, r.vs_fp32, r.latency
+        table.add_row(
+            r.name, f"{r.format} {r.precision}", f"{r.size_bytes / 1024:,.1f} KiB", _num(r.top1, ".2f"),
+            _num(r.agreement, ".1f"), f"{lat.p50_ms:.3f}", f"{lat.p99_ms:.3f}", f"{r.throughput_ips:,.0f}",
+            "-" if t is None else f"{t.acc_pts:+.2f} {t.speedup:.1f}x {-t.size_reduction_pct:+.0f}%",
+            "-" if f is None else f"{f.acc_pts:+.2f} {f.speedup:.2f}x",
+            style="bold" if r.name == report.teacher else None)
+    return table
+
+
+def bench_markdown(report) -> str:
+    s, env = report.settings, report.env
+    lines = [f"# edgekd bench: {report.data['name']}", "",
+             f"Test split: {report.data['test_images']:,} images, {len(report.data['classes'])} classes. "
+             f"Latency: batch 1, {s['threads']} thread(s), {s['warmup']} warm-up runs, then at least {s['min_runs']} runs "
+             f"and {s['min_seconds']} s; throughput at batch {s['batch']}. Reference teacher: {report.teacher or 'none'}.",
+             f"CPU: {env['cpu']} ({', '.join(env['cpu_flags'])}); "
+             + ", ".join(f"{k} {v}" for k, v in env["versions"].items()), "",
+             "| " + " | ".join(BENCH_COLUMNS) + " |", "|" + "---|" * len(BENCH_COLUMNS)]
+    lines += ["| " + " | ".join(bench_cells(r)) + " |" for r in report.rows]
+    notes = [f"- failed: {r.name}: {r.error}" for r in report.failed] + [f"- warning: {w}" for r in report.rows for w in r.warnings]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def bench_plots(report, folder: Path) -> dict[str, Path]:
+    """Write the PNG plots; returns section name -> file. Drawn with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in report.rows if r.status == "ok"]
+    files: dict[str, Path] = {}
+    if not ok:
+        return files
+    colors = ["#444444" if r.name == report.teacher else ("#2a9d8f" if r.precision == "int8" else "#457b9d") for r in ok]
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ok) + 2), 4))
+    ax.bar(range(len(ok)), [r.top1 for r in ok], color=colors)
+    for i, r in enumerate(ok):
+        ax.text(i, r.top1, f"{r.top1:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(ok)), [r.name for r in ok], rotation=30, ha="right", fontsize=8)
+    low = min(r.top1 for r in ok)
+    ax.set_ylim(max(0, low - 10), 100)
+    ax.set_ylabel("top-1 on the test split (%)")
+    ax.set_title("accuracy of every variant (dark: teacher, green: int8)")
+    files["accuracy"] = _save(fig, folder / "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = np.array([r.size_bytes for r in ok], dtype=float)
+    area = 40 + 400 * sizes / sizes.max()
+    ax.scatter([r.latency.p50_ms for r in ok], [r.top1 for r in ok], s=area, c=colors, alpha=0.8)
+    for r in ok:
+        ax.annotate(f"{r.name}\n{r.size_bytes / 1024:,.0f} KiB", (r.latency.p50_ms, r.top1), fontsize=7,
+                    xytext=(5, 5), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 latency p50 (ms, log scale)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("size (marker area), latency and accuracy")
+    files["tradeoff"] = _save(fig, folder / "tradeoff.png")
+
+    teacher, focus = report.row(report.teacher), report.row(report.focus)
+    classes = report.data["classes"]
+    pair = [r for r in (teacher, focus) if r is not None and r.status == "ok"]
+    if pair:
+        fig, axes = plt.subplots(1, len(pair) + (len(pair) == 2), figsize=(5.2 * (len(pair) + (len(pair) == 2)), 4.8))
+        axes = np.atleast_1d(axes)
+        mats = [np.array(r.confusion) for r in pair]
+        for ax, r, m in zip(axes, pair, mats):
+            im = ax.imshow(m, cmap="Blues")
+            ax.set_title(f"{r.name}\n(rows: true class)", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        if len(pair) == 2:
+            diff = mats[1] - mats[0]
+            lim = max(1, np.abs(diff).max())
+            im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            axes[2].set_title(f"{pair[1].name} minus {pair[0].name}", fontsize=9)
+            fig.colorbar(im, ax=axes[2], fraction=0.046)
+        for ax in axes:
+            ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(classes)), classes, fontsize=6)
+            ax.set_xlabel("predicted")
+        files["confusion"] = _save(fig, folder / "confusion.png")
+
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 2), 4))
+        width = 0.8 / len(pair)
+        for i, r in enumerate(pair):
+            ax.bar(np.arange(len(classes)) + i * width, r.per_class, width, label=r.name)
+        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("per-class accuracy")
+        ax.legend(fontsize=8)
+        files["per_class"] = _save(fig, folder / "per_class.png")
+
+    if report.histories:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (name, hist) in enumerate(report.histories.items()):
+            epochs = [h["epoch"] for h in hist]
+            c = f"C{i % 10}"
+            ax.plot(epochs, [h["train_acc"] for h in hist], "--", color=c, label=f"{name} train")
+            ax.plot(epochs, [h["val_acc"] for h in hist], "-", color=c, label=f"{name} val")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("training curves: train (dashed) vs validation (solid)")
+        ax.legend(fontsize=7, ncol=2)
+        files["curves"] = _save(fig, folder / "curves.png")
+    return files
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+HTML_SECTIONS = ("summary", "table", "accuracy", "tradeoff", "confusion", "per_class", "curves", "environment")
+
+
+def bench_html(report, plots: dict[str, Path]) -> str:
+    """One self-contained page: every plot embedded as base64, no external files or scripts."""
+    import base64
+    import html
+    import json as _json
+
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in BENCH_COLUMNS)
+    body = "".join("<tr class='{}'>{}</tr>".format("failed" if r.status != "ok" else "",
+                                                   "".join(f"<td>{esc(c)}</td>" for c in bench_cells(r)))
+                   for r in report.rows)
+    notes = "".join(f"<li class='failed'>failed: {esc(r.name)}: {esc(r.error or '')}</li>" for r in report.failed)
+    notes += "".join(f"<li>warning: {esc(w)}</li>" for r in report.rows for w in r.warnings)
+    titles = {"accuracy": "Accuracy of every variant", "tradeoff": "Size, latency and accuracy",
+              "confusion": "Confusion matrices: teacher, student, difference", "per_class": "Per-class accuracy",
+              "curves": "Training curves"}
+    figures = ""
+    for key in ("accuracy", "tradeoff", "confusion", "per_class", "curves"):
+        if key in plots:
+            data = base64.b64encode(Path(plots[key]).read_bytes()).decode()
+            figures += (f"<section id='{key}'><h2>{titles[key]}</h2>"
+                        f"<img alt='{key}' src='data:image/png;base64,{data}'></section>")
+    s = report.settings
+    summary = (f"{esc(report.data['name'])} test split, {report.data['test_images']:,} images, "
+               f"{len(report.data['classes'])} classes; reference teacher: {esc(report.teacher or 'none')}; "
+               f"latency at batch 1 with {s['threads']} thread(s), at least {s['min_runs']} runs and "
+               f"{s['min_seconds']} s after {s['warmup']} warm-up runs; throughput at batch {s['batch']}.")
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "td:nth-child(-n+5),th:nth-child(-n+5){text-align:left}tr.failed,li.failed{color:#b00020}"
+             "img{max-width:100%}pre{background:#f4f4f4;padding:1em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>edgekd bench: {esc(report.data['name'])}</title>"
+            f"<style>{style}</style></head><body><h1>edgekd bench: {esc(report.data['name'])}</h1>"
+            f"<section id='summary'><p>{summary}</p><ul>{notes}</ul></section>"
+            f"<section id='table'><h2>Every model</h2><table><tr>{head}</tr>{body}</table></section>{figures}"
+            f"<section id='environment'><h2>Environment</h2><pre>{esc(_json.dumps(report.env, indent=2))}</pre></section>"
+            "</body></html>")
+
+
+def write_bench_report(report, folder: Path) -> dict[str, Path]:
+    """bench.json, bench.md, the PNG plots and report.html in ``folder``, each written atomically."""
+    from edgekd.checkpoint import atomic_write_json, atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = bench_plots(report, folder)
+    atomic_write_json(folder / "bench.json", report.to_dict())
+    atomic_write_text(folder / "bench.md", bench_markdown(report))
+    atomic_write_text(folder / "report.html", bench_html(report, plots))
+    return {"json": folder / "bench.json", "markdown": folder / "bench.md", "html": folder / "report.html", **plots}

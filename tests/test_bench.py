@@ -21,3 +21,163 @@ def test_time_calls_meets_both_run_count_and_duration():
     assert 0.9 <= stats.p50_ms < 50
     quick = time_calls(lambda: None, warmup=0, min_runs=60, min_seconds=0.0)
     assert quick.runs == 60
+
+
+# ---------------------------------------------------------------------------------------------
+# edgekd bench: deltas, schema, failed rows, report sections.
+
+import json
+from importlib import resources
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.bench import BenchRow, delta, fp32_counterpart, metrics
+from edgekd.cli import app
+
+
+def _row(name, path, fmt, precision, top1, size, p50, source=None):
+    lat = LatencyStats(50, 1, p50, p50, p50, p50, 0.0)
+    return BenchRow(name, path, "variant", "ok", format=fmt, precision=precision, top1=top1, size_bytes=size,
+                    latency=lat, source=source)
+
+
+def test_delta_arithmetic():
+    teacher = _row("t", "t.pt", "pytorch", "fp32", 90.0, 4000, 2.0)
+    student = _row("s", "d/model_int8.tflite", "tflite", "int8", 88.5, 1000, 0.5)
+    d = delta(student, teacher)
+    assert d.against == "t" and np.isclose(d.acc_pts, -1.5) and np.isclose(d.speedup, 4.0)
+    assert np.isclose(d.size_reduction_pct, 75.0) and np.isclose(d.compression, 4.0)
+
+
+def test_fp32_counterpart_same_format_and_folder_then_source(tmp_path):
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"x")
+    src = _row("ckpt", str(ckpt), "pytorch", "fp32", 90, 100, 1.0)
+    fp32 = _row("f", "a/model_fp32.tflite", "tflite", "fp32", 90, 100, 1.0, source=str(ckpt))
+    int8 = _row("i", "a/model_int8.tflite", "tflite", "int8", 89, 30, 2.0)
+    other = _row("o", "b/model_fp32.tflite", "tflite", "fp32", 90, 100, 1.0)
+    onnx = _row("x", "a/model.onnx", "onnx", "fp32", 90, 100, 1.0)
+    rows = [src, other, onnx, fp32, int8]
+    assert fp32_counterpart(int8, rows) is fp32
+    assert fp32_counterpart(fp32, rows) is src
+    assert fp32_counterpart(src, rows) is None
+
+
+def test_slow_int8_gets_a_warning_with_its_cause():
+    from edgekd.bench import _with_deltas
+
+    fp32 = _row("f", "a/model.onnx", "onnx", "fp32", 90, 100, 1.0)
+    int8 = _row("i", "a/model_int8.onnx", "onnx", "int8", 89, 30, 1.5)
+    rows = _with_deltas([fp32, int8], None)
+    assert rows[1].vs_fp32.against == "f" and np.isclose(rows[1].vs_fp32.speedup, 1 / 1.5)
+    [w] = rows[1].warnings
+    assert "1.50x slower" in w and "likely cause" in w
+    assert rows[0].warnings == ()
+
+
+def test_metrics_match_direct_counts():
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    scores = np.eye(6)[[0, 1, 1, 1, 2, 0, 3, 3, 4, 4, 5, 2]] + 0.01 * np.arange(6)  # 9 of 12 right
+    m = metrics(scores, y, 6)
+    assert np.isclose(m["top1"], 75.0) and m["top5"] is not None and m["top5"] >= m["top1"]
+    assert m["per_class"][0] == 50.0 and m["per_class"][1] == 100.0
+    assert m["confusion"][0] == (1, 1, 0, 0, 0, 0) and sum(map(sum, m["confusion"])) == 12
+    assert metrics(np.eye(3)[[0, 1, 2]], np.array([0, 1, 2]), 3)["top5"] is None  # top-5 only above 5 classes
+
+
+@pytest.fixture(scope="module")
+def digits_bench(digits_model, quantized, teacher_run, tmp_path_factory):
+    """A bench of a checkpoint, its fp32/int8 ONNX and TFLite files, a bogus file and a wrong-class model."""
+    from edgekd.bench import bench
+
+    folder = quantized.models[0].int8.path.parent
+    bogus = tmp_path_factory.mktemp("bogus") / "model.coreml"
+    bogus.write_bytes(b"\0" * 16)
+    files = [folder / n for n in ("model.onnx", "model_int8.onnx", "model_fp32.tflite", "model_int8.tflite")]
+    wrong = teacher_run.out_dir + "/best.pt" if isinstance(teacher_run.out_dir, str) else teacher_run.out_dir / "best.pt"
+    return bench([digits_model, *files, bogus, wrong], teacher=digits_model, min_runs=5, min_seconds=0.0, warmup=1,
+                 batch=8)
+
+
+def test_bench_rows_for_every_format_and_failed_rows(digits_bench):
+    rep = digits_bench
+    rows = {r.name: r for r in rep.rows}
+    assert rep.teacher == "digits0/best.pt" or rows[rep.teacher].role == "teacher"
+    ok = [r for r in rep.rows if r.status == "ok"]
+    assert {(r.format, r.precision) for r in ok} == {("pytorch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"),
+                                                    ("tflite", "fp32"), ("tflite", "int8")}
+    failed = {r.name: r.error for r in rep.failed}
+    assert len(failed) == 2
+    assert any("unknown model format '.coreml'" in e for e in failed.values())
+    assert any("classes" in e for e in failed.values())
+    for r in ok:
+        assert r.latency.runs >= 5 and r.latency.p50_ms <= r.latency.p90_ms <= r.latency.p99_ms
+        assert r.top5 is not None and r.top5 >= r.top1 and r.params and r.macs and r.throughput_ips > 0
+        assert sum(map(sum, r.confusion)) == rep.data["test_images"]
+        assert np.isclose(np.mean(r.per_class), np.mean([row[i] / sum(row) * 100 for i, row in enumerate(r.confusion)]))
+    teacher = rows[rep.teacher]
+    assert teacher.vs_teacher is None and teacher.agreement == 100.0
+    int8 = next(r for r in ok if r.format == "tflite" and r.precision == "int8")
+    assert int8.vs_fp32.against.endswith("model_fp32.tflite")
+    assert np.isclose(int8.vs_teacher.acc_pts, int8.top1 - teacher.top1)
+    assert rep.focus == max((r for r in ok if r.precision == "int8"), key=lambda r: r.top1).name
+    # the params come from the checkpoint every file was exported from
+    assert len({r.params for r in ok}) == 1
+
+
+def test_bench_json_follows_the_documented_schema(digits_bench):
+    import jsonschema
+
+    schema = json.loads(resources.files("edgekd").joinpath("schemas/bench-1.json").read_text())
+    doc = json.loads(json.dumps(digits_bench.to_dict(), allow_nan=False))
+    jsonschema.validate(doc, schema)
+    assert doc["schema"] == schema["$id"]
+    broken = dict(doc, models=[dict(doc["models"][0], status="maybe")])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_report_files_and_html_sections(digits_bench, tmp_path):
+    from edgekd.report import HTML_SECTIONS, bench_markdown, write_bench_report
+
+    files = write_bench_report(digits_bench, tmp_path)
+    html = files["html"].read_text()
+    for section in HTML_SECTIONS:
+        if section != "curves" or digits_bench.histories:
+            assert f"id='{section}'" in html, section
+    assert html.count("data:image/png;base64,") == len([k for k in files if k not in ("json", "markdown", "html")])
+    assert "src='http" not in html and "<script" not in html  # self-contained, readable offline
+    md = bench_markdown(digits_bench)
+    assert md.count("\n| ") == len(digits_bench.rows) + 1 and "failed: " in md
+    saved = json.loads(files["json"].read_text())
+    assert [m["name"] for m in saved["models"]] == [r.name for r in digits_bench.rows]
+    # plotted data is the data in the JSON: the accuracy bars carry the top-1 of every ok row
+    assert set(k for k in files if k.endswith("png") or k in ("accuracy", "tradeoff", "confusion", "per_class", "curves")) >= {
+        "accuracy", "tradeoff", "confusion", "per_class"}
+
+
+def test_bench_cli_reports_failed_models_and_exits_1(quantized, tmp_path):
+    folder = quantized.models[0].int8.path.parent
+    bogus = tmp_path / "m.xyz"
+    bogus.write_text("x")
+    result = CliRunner().invoke(app, ["bench", str(folder / "model_int8.onnx"), str(bogus), "--data", "digits",
+                                      "--runs", "3", "--min-seconds", "0", "--out", str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 1
+    assert "m.xyz: unknown model format '.xyz'" in result.output
+    assert (tmp_path / "b" / "report.html").is_file()
+
+
+def test_bench_cli_help_teaches():
+    result = CliRunner().invoke(app, ["bench", "--help"])
+    assert result.exit_code == 0 and "--teacher" in result.output and "Example" in result.output
+
+
+def test_bench_run_of_an_image_folder(folder_run, tmp_path):
+    """Checkpoint, ONNX and TFLite files of a model trained on an ImageFolder, data found from the run."""
+    from edgekd.bench import bench
+
+    rep = bench([folder_run, folder_run / "export"], min_runs=5, min_seconds=0.0, warmup=1, batch=4)
+    assert not rep.failed, [r.error for r in rep.failed]
+    assert len(rep.rows) == 5 and rep.data["classes"] == ["class_0", "class_1", "class_2"]
+    assert all(r.top5 is None for r in rep.rows)  # 3 classes: no top-5

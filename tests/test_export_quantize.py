@@ -14,16 +14,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
-    """resnet8 trained briefly on the embedded digits (a real dataset recorded in config.json)."""
-    from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
-
-    out = tmp_path_factory.mktemp("digits")
-    train(DistillConfig(model=ModelConfig(arch="resnet8"), recipe=RecipeConfig(epochs=6)), out)
-    return out / "best.pt"
-
-
-@pytest.fixture(scope="module")
 def exported(digits_model):
     from edgekd.export import export
 
@@ -50,13 +40,6 @@ def test_onnx_has_dynamic_batch_and_named_io(exported):
     inp, out = model.graph.input[0], model.graph.output[0]
     assert inp.name == "input" and out.name == "logits"
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
-
-
-@pytest.fixture(scope="module")
-def quantized(digits_model, tmp_path_factory):
-    from edgekd.quantize import quantize
-
-    return quantize(digits_model, calib_size=100, out_dir=tmp_path_factory.mktemp("q"))
 
 
 def test_int8_is_really_int8_and_accurate(quantized):
