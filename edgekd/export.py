@@ -1,14 +1,18 @@
 """Stage 2: an edgekd checkpoint becomes ONNX and TFLite files, each checked against PyTorch.
 
-Every exported model takes RGB (or grayscale) pixels scaled to [0, 1] and does the training
-normalization itself, so an app only resizes and divides by 255. ONNX keeps PyTorch's NCHW
-layout; TFLite takes NHWC, the mobile convention (onnx2tf does the transposition). Each file
-is written under a temporary name, run on real images through its own runtime, compared with
-PyTorch, and only then renamed into place with a ``.json`` sidecar describing its input.
+Every exported model takes RGB pixels scaled to [0, 1] (what a camera frame divided by 255 is),
+so an app only resizes and divides by 255. The training normalization (per-channel mean/std)
+and, for grayscale models, the RGB-to-luma conversion are folded into the first convolution's
+weights: no extra operators, and MediaPipe's single mean/std metadata can describe the input.
+ONNX keeps PyTorch's NCHW layout with a dynamic batch; TFLite takes NHWC with batch 1, the
+mobile convention (onnx2tf does the transposition). Each file is written under a temporary
+name, run on real images through its own runtime, compared with PyTorch, and only then renamed
+into place with a ``.json`` sidecar describing its input.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -42,6 +46,100 @@ class Deployable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) * self.inv_std)
+
+
+# ITU-R 601-2 luma, Pillow's RGB -> L conversion: how grayscale training images were made from RGB.
+LUMA = (0.299, 0.587, 0.114)
+
+
+class FoldedConv(nn.Module):
+    """A convolution that absorbed the input normalization, plus a constant border map.
+
+    With zero padding, padded taps of the original convolution saw the normalized value 0, i.e.
+    the raw pixel ``mean``; after folding they see raw 0. The difference does not depend on the
+    input, so one constant (1, C_out, H_out, W_out) tensor added after the convolution makes the
+    folded layer exact, at the cost of fixing the input size (which deployed models have anyway).
+    """
+
+    def __init__(self, conv: nn.Conv2d, border: torch.Tensor | None) -> None:
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("border", border if border is not None else torch.zeros(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y + self.border if self.border.numel() else y
+
+
+def fold_input_normalization(model: nn.Module, mean, std, channels: int, size: tuple[int, int]) -> nn.Module:
+    """A copy of ``model`` taking RGB [0, 1] pixels, with ``(x - mean) / std`` (and, for 1-channel
+    models, the RGB-to-luma conversion) folded into its first convolution.
+
+    We write this ourselves: converters fold normalization only when it is a separate op in the
+    graph, which is exactly what MediaPipe's one-mean/one-std metadata cannot describe per channel.
+    """
+    model = copy.deepcopy(model).eval()
+    name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if conv is None or conv.in_channels != channels or conv.groups != 1 or conv.padding_mode != "zeros":
+        raise EdgeKDError("the model does not start with a plain convolution; normalization cannot be folded")
+    w = conv.weight.detach()  # (O, C, kh, kw)
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
+    mean_t, std_t = torch.tensor(mean, dtype=w.dtype), torch.tensor(std, dtype=w.dtype)
+    w_raw = w / std_t.view(1, -1, 1, 1)
+    b_raw = b - (w * (mean_t / std_t).view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    with torch.no_grad():
+        zero_norm = (-mean_t / std_t).view(1, -1, 1, 1).expand(1, channels, *size)  # raw 0 after normalization
+        border = conv(zero_norm) - b_raw.view(1, -1, 1, 1)
+    if channels == 1:
+        w_raw = w_raw * torch.tensor(LUMA, dtype=w.dtype).view(1, 3, 1, 1)  # (O, 1, k, k) -> (O, 3, k, k)
+    new = nn.Conv2d(3, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(w_raw)
+        new.bias.copy_(b_raw)
+    folded = FoldedConv(new, border if border.abs().max() > 1e-7 else None)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, folded)
+    return model
+
+
+class RGBInput(nn.Module):
+    """Fallback when folding is impossible: RGB [0, 1] in, luma for 1-channel models, then ``Deployable``."""
+
+    def __init__(self, net: Deployable, channels: int) -> None:
+        super().__init__()
+        self.net, self.channels = net, channels
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels == 1:
+            x = (x * self.luma).sum(dim=1, keepdim=True)
+        return self.net(x)
+
+
+def deploy_net(model: nn.Module, meta: dict) -> tuple[nn.Module, str]:
+    """The network every exported file holds, and how its input normalization is done.
+
+    Folding is verified against ``Deployable`` on random pixels; a model it does not fit keeps the
+    normalization as graph operators instead.
+    """
+    channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
+    reference = Deployable(model, meta["mean"], meta["std"]).eval()
+    x = torch.rand(4, channels, *size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(x)
+        try:
+            folded = fold_input_normalization(model, meta["mean"], meta["std"], channels, size)
+            got = folded(rgb(x))
+            if (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max())):
+                return folded, "folded into the first convolution"
+        except EdgeKDError:
+            pass
+    return RGBInput(reference, channels).eval(), "operators at the start of the graph"
+
+
+def rgb(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) gray -> (B, 3, H, W) with R = G = B; RGB batches unchanged."""
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 @dataclass(frozen=True)
@@ -95,10 +193,11 @@ def preprocessing(meta: dict, layout: str) -> dict:
     """What an app must do to an image before this file sees it (recorded beside every file)."""
     h, w = meta["input_size"]
     c = int(meta["in_channels"])
-    shape = [1, c, h, w] if layout == "NCHW" else [1, h, w, c]
-    return {"layout": layout, "shape": shape, "resize": [h, w], "channel_order": "RGB" if c == 3 else "grayscale",
+    shape = [1, 3, h, w] if layout == "NCHW" else [1, h, w, 3]
+    note = {"grayscale_model": "trained on 1-channel images; RGB is converted to luma (ITU-R 601) inside"} if c == 1 else {}
+    return {"layout": layout, "shape": shape, "resize": [h, w], "channel_order": "RGB",
             "scale": "divide 0-255 pixels by 255 (input range [0, 1])",
-            "normalization_inside_model": {"mean": meta["mean"], "std": meta["std"]},
+            "normalization_inside_model": {"mean": meta["mean"], "std": meta["std"]}, **note,
             "classes": meta["classes"], "output": "logits"}
 
 
@@ -129,15 +228,16 @@ def export(
         raise EdgeKDError(f"{checkpoint} was trained on classes {meta['classes']}, the data has {list(data.classes)}")
     out = Path(out_dir) if out_dir else checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
-    net = Deployable(model, meta["mean"], meta["std"]).eval()
+    net, how = deploy_net(model, meta)
     x = model_input(meta, check_samples(data, samples))
     with torch.no_grad():
-        reference = net(x).numpy()
+        reference = Deployable(model, meta["mean"], meta["std"]).eval()(x).numpy()
+    x = rgb(x)
     artifacts: list[Artifact] = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         tmp = Path(tmp)
         if on_step:
-            on_step("onnx: exporting and checking with onnxruntime")
+            on_step(f"onnx: exporting (normalization {how}) and checking with onnxruntime")
         onnx_tmp = to_onnx(net, x, tmp / "model.onnx")
         onnx_art = check_onnx(onnx_tmp, x, reference, "fp32")
         if "onnx" in formats:
@@ -145,7 +245,7 @@ def export(
         if "tflite" in formats:
             if on_step:
                 on_step("tflite: converting with onnx2tf and checking with LiteRT")
-            files = onnx_to_tflite(onnx_tmp, tmp / "tf")
+            files = onnx_to_tflite(to_onnx(net, x, tmp / "model_b1.onnx", dynamic_batch=False), tmp / "tf")
             wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])
             for precision, path in wanted:
                 art = check_tflite(path, x, reference, precision)
@@ -159,15 +259,16 @@ def check_samples(data: ImageData, n: int) -> torch.Tensor:
     return data.test_x[::step][:n]
 
 
-def to_onnx(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
-    """TorchScript-based export (dynamo=False): named input/output, dynamic batch, checker-clean."""
+def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = True) -> Path:
+    """TorchScript-based export (dynamo=False): named input/output, dynamic or fixed batch 1, checker-clean."""
     try:
         import onnx
     except ImportError:
         raise EdgeKDError("ONNX export needs onnx and onnxruntime: pip install 'edgekd[onnx]'") from None
     try:
         torch.onnx.export(net, x[:1], str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+                          opset_version=ONNX_OPSET,
                           dynamo=False)
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
@@ -226,7 +327,7 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
                       input_quant_dtype=io_dtype, output_quant_dtype=io_dtype)
     log = folder.parent / "onnx2tf.log"
     try:
-        with captured_output(log):
+        with captured_output(log), _offline_sample_data(folder.parent / "onnx2tf-cwd"):
             onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(folder), non_verbose=True,
                             copy_onnx_input_output_names_to_tflite=True, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops
@@ -239,6 +340,30 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
     files = {kind: folder / f"{stem}_{kind}.tflite"
              for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
     return {k: v for k, v in files.items() if v.is_file()}
+
+
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+@contextmanager
+def _offline_sample_data(workdir: Path):
+    """Run onnx2tf in a folder holding its sample-image file, so it never downloads it.
+
+    For static 3-channel image inputs (our batch-1 TFLite files), onnx2tf fetches 20 sample images
+    from GitHub for its internal dummy-inference checks, and fails without a network. It looks
+    for the file in the working directory first; seeded uniform pixels of the same shape serve
+    those checks (calibration uses our own images, passed explicitly).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    sample = workdir / ONNX2TF_SAMPLE
+    if not sample.is_file():
+        np.save(sample, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextmanager

@@ -30,6 +30,8 @@ from edgekd.export import (
     _place,
     check_onnx,
     check_tflite,
+    deploy_net,
+    rgb,
     model_input,
     nhwc,
     onnx_session,
@@ -136,13 +138,14 @@ def quantize(
     out = Path(out_dir) if out_dir else checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     calib = calibration_sample(data, calib_size)
-    calib_x = model_input(meta, data.train_x[list(calib.indices)])
-    test_x = model_input(meta, data.test_x)
+    calib_x = rgb(model_input(meta, data.train_x[list(calib.indices)]))
+    test_x = rgb(model_input(meta, data.test_x))
     test_y = data.test_y.numpy()
-    net = Deployable(net_model, meta["mean"], meta["std"]).eval()
+    net, _ = deploy_net(net_model, meta)
     check_x = model_input(meta, check_samples(data, 256))
     with torch.no_grad():
-        reference = net(check_x).numpy()
+        reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()
+    check_x = rgb(check_x)
     models = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".quantize-") as tmp:
         tmp = Path(tmp)
@@ -156,7 +159,8 @@ def quantize(
         if "tflite" in formats:
             if on_step:
                 on_step("tflite: full-integer conversion with onnx2tf")
-            models.append(_quantize_tflite(onnx_fp32, tmp, calib_x, check_x, reference, test_x, test_y, io))
+            onnx_b1 = to_onnx(net, check_x, tmp / "model_b1.onnx", dynamic_batch=False)  # TFLite: batch 1
+            models.append(_quantize_tflite(onnx_b1, tmp, calib_x, check_x, reference, test_x, test_y, io))
         result = QuantizeResult(calib, tuple(models), max_drop)
         placed = []
         for m in result.models:

@@ -28,7 +28,7 @@ def test_onnx_and_tflite_match_pytorch(exported, digits_model):
     tfl = by_name["model_fp32.tflite"]
     assert tfl.max_abs_diff < 1e-3 and tfl.top1_agreement == 100.0 and tfl.layout == "NHWC"
     sidecar = json.loads((digits_model.parent / "export" / "model_fp32.tflite.json").read_text())
-    assert sidecar["preprocessing"]["shape"] == [1, 8, 8, 1] and sidecar["status"] == "ok"
+    assert sidecar["preprocessing"]["shape"] == [1, 8, 8, 3] and sidecar["status"] == "ok"
     assert sidecar["preprocessing"]["classes"][:2] == ["0", "1"]
     assert not list((digits_model.parent / "export").glob(".*"))  # no temporary leftovers
 
@@ -140,3 +140,34 @@ def test_json_stdout_stays_clean_through_the_converter(digits_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["models"][0]["format"] == "tflite" and report["calibration"]["size"] == 30
+
+
+@pytest.mark.parametrize("arch,channels", [("resnet8", 3), ("resnet8", 1), ("seed002_student", 3)])
+def test_folded_normalization_matches_the_unfolded_model(arch, channels):
+    """Per-channel mean/std (and gray -> RGB luma) folded into the first conv, exact up to float rounding."""
+    from edgekd.export import Deployable, FoldedConv, deploy_net, rgb
+    from edgekd.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, 10, channels, (16, 16)).eval()
+    mean, std = [0.49, 0.48, 0.45][:channels], [0.25, 0.24, 0.26][:channels]
+    meta = {"in_channels": channels, "input_size": [16, 16], "mean": mean, "std": std}
+    net, how = deploy_net(model, meta)
+    assert how == "folded into the first convolution"
+    assert any(isinstance(m, FoldedConv) for m in net.modules())
+    x = torch.rand(32, channels, 16, 16)
+    with torch.no_grad():
+        want = Deployable(model, mean, std).eval()(x)
+        got = net(rgb(x))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_tflite_files_have_batch_one_and_rgb_input(quantized):
+    from edgekd.export import TFLiteRunner
+
+    for m in quantized.models:
+        if m.format == "tflite":
+            for art in (m.fp32, m.int8):
+                inp = TFLiteRunner(art.path).inp
+                assert list(inp["shape"]) == [1, 8, 8, 3] and list(inp["shape_signature"]) == [1, 8, 8, 3]
