@@ -553,9 +553,9 @@ def _with_deltas(rows: list[BenchRow], teacher: BenchRow | None) -> list[BenchRo
 
 
 def _slow_int8_warning(row: BenchRow, base: BenchRow, d: Delta) -> str:
-    size = f"{row.macs / 1e6:.1f} M multiply-accumulates per image" if row.macs else "a small model"
-    cause = (f"likely cause: at {size}, the quantize/dequantize steps and per-operator overhead cost more than "
-             "int8 arithmetic saves" if not row.macs or row.macs < 100e6 else
+    size = f" ({row.macs / 1e6:.2f} M multiply-accumulates per image)" if row.macs else ""
+    cause = (f"likely cause: on a model this small{size}, the quantize/dequantize steps and per-operator overhead "
+             "cost more than int8 arithmetic saves" if not row.macs or row.macs < 100e6 else
              "likely cause: operators without fast int8 kernels on this CPU fall back to float around QDQ pairs")
     return (f"{row.name}: int8 p50 {row.latency.p50_ms:.3f} ms is {1 / d.speedup:.2f}x slower than fp32 "
             f"{base.name} ({base.latency.p50_ms:.3f} ms); {cause}")

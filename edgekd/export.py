@@ -64,11 +64,12 @@ class FoldedConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, border: torch.Tensor | None) -> None:
         super().__init__()
         self.conv = conv
+        self.has_border = border is not None  # a Python bool: traced as a constant, not a tensor test
         self.register_buffer("border", border if border is not None else torch.zeros(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        return y + self.border if self.border.numel() else y
+        return y + self.border if self.has_border else y
 
 
 def fold_input_normalization(model: nn.Module, mean, std, channels: int, size: tuple[int, int]) -> nn.Module:
@@ -197,7 +198,9 @@ def preprocessing(meta: dict, layout: str) -> dict:
     note = {"grayscale_model": "trained on 1-channel images; RGB is converted to luma (ITU-R 601) inside"} if c == 1 else {}
     return {"layout": layout, "shape": shape, "resize": [h, w], "channel_order": "RGB",
             "scale": "divide 0-255 pixels by 255 (input range [0, 1])",
-            "normalization_inside_model": {"mean": meta["mean"], "std": meta["std"]}, **note,
+            "normalization_inside_model": {"mean": meta["mean"], "std": meta["std"],
+                                           "how": meta.get("normalization", "operators at the start of the graph")},
+            **note,
             "classes": meta["classes"], "output": "logits"}
 
 
@@ -229,6 +232,7 @@ def export(
     out = Path(out_dir) if out_dir else checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     net, how = deploy_net(model, meta)
+    meta = {**meta, "normalization": how}
     x = model_input(meta, check_samples(data, samples))
     with torch.no_grad():
         reference = Deployable(model, meta["mean"], meta["std"]).eval()(x).numpy()
@@ -316,6 +320,7 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
         import onnx2tf
     except ImportError:
         raise EdgeKDError("TFLite conversion needs onnx2tf, tf_keras and TensorFlow: pip install 'edgekd[tf]'") from None
+    onnx_path, folder = Path(onnx_path).resolve(), Path(folder).resolve()  # onnx2tf runs in its own cwd
     kwargs = {}
     if calibration is not None:
         npy = folder.parent / "calibration.npy"

@@ -141,7 +141,8 @@ def quantize(
     calib_x = rgb(model_input(meta, data.train_x[list(calib.indices)]))
     test_x = rgb(model_input(meta, data.test_x))
     test_y = data.test_y.numpy()
-    net, _ = deploy_net(net_model, meta)
+    net, how = deploy_net(net_model, meta)
+    meta = {**meta, "normalization": how}
     check_x = model_input(meta, check_samples(data, 256))
     with torch.no_grad():
         reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()

@@ -5,7 +5,7 @@ Human output goes to stderr; `--json` puts machine output alone on stdout. One m
 command group registers its commands on the shared app.
 """
 
-from edgekd.cli import train, run, export, bench  # noqa: F401, I001 - importing registers the commands
+from edgekd.cli import train, run, export, bench, package  # noqa: F401, I001 - importing registers the commands
 from edgekd.cli.common import app
 
 
