@@ -1,9 +1,10 @@
 """The whole experiment from one config: the only module that knows the order of the stages.
 
-Today it covers the seeds' experiments up to int8: teachers trained (or loaded from files), a
-scratch student, the student distilled from the best teacher and from all of them, every one
-in its own resumable run directory, then the best student exported and quantized to int8
-ONNX and TFLite, and one comparison table.
+Teachers trained (or loaded from files), a scratch student, the student distilled from the best
+teacher and from all of them, every one in its own resumable run directory; then the best
+student exported and quantized to int8 ONNX and TFLite, every model benchmarked against the
+teacher (``<out>/bench/report.html``), the int8 model packaged for apps (``<out>/bundle``), and
+a manifest (``<out>/manifest.json``) that traces every artifact to its config, data and seeds.
 """
 
 from __future__ import annotations
@@ -36,6 +37,22 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    enabled: bool = True
+    threads: int = 1  # batch-1 latency on one thread: short tails on 2-core machines (MEASURED.md)
+    batch: int = 32  # images per call for the throughput column
+    min_runs: int = 50  # LiteRT benchmark_model's default run count
+    min_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class PackageConfig:
+    enabled: bool = True
+    precision: str = "int8"  # int8 inside, float32 input: what MediaPipe and the Task Library load
+    zip: bool = False
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     teachers: tuple[TeacherEntry, ...] = ()
@@ -44,6 +61,8 @@ class PipelineConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     students: tuple[str, ...] = ("scratch", "kd_best", "kd_all")  # which student runs to make
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    package: PackageConfig = field(default_factory=PackageConfig)
 
 
 STUDENT_RUNS = ("scratch", "kd_best", "kd_all")
@@ -51,7 +70,7 @@ STUDENT_RUNS = ("scratch", "kd_best", "kd_all")
 
 def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     """Validate a parsed TOML document; unknown sections and keys are errors naming them."""
-    allowed = {"data", "teachers", "student", "student_recipe", "kd", "students", "deploy"}
+    allowed = {"data", "teachers", "student", "student_recipe", "kd", "students", "deploy", "bench", "package"}
     unknown = [k for k in values if k not in allowed]
     if unknown:
         raise EdgeKDError(f"unknown section [{unknown[0]}]; valid sections: {', '.join(sorted(allowed))}")
@@ -80,17 +99,50 @@ def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     return PipelineConfig(build(DataConfig, values.get("data", {}), "data"), tuple(teachers),
                           build(ModelConfig, values.get("student", {}), "student"),
                           build(RecipeConfig, values.get("student_recipe", {}), "student_recipe"), kd, students,
-                          build(DeployConfig, values.get("deploy", {}), "deploy"))
+                          build(DeployConfig, values.get("deploy", {}), "deploy"),
+                          build(BenchConfig, values.get("bench", {}), "bench"),
+                          build(PackageConfig, values.get("package", {}), "package"))
 
 
-def load_pipeline_config(path: str | Path | None = None) -> PipelineConfig:
-    """Load a pipeline TOML, or the embedded default (digits, two teachers) when ``path`` is None."""
+def load_pipeline_config(path: str | Path | None = None, overrides: tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a pipeline TOML, or the embedded default (digits, two teachers) when ``path`` is None.
+
+    ``overrides`` are ``dotted.key=value`` strings (TOML values), e.g. ``student_recipe.epochs=3``
+    or ``teachers.0.recipe.epochs=5``; they are applied before validation, so typos are errors.
+    """
+    import tomllib
+
     if path is None:
-        import tomllib
+        values = tomllib.loads(resources.files("edgekd").joinpath("configs/default.toml").read_text())
+    else:
+        values = load_toml(path)
+    for item in overrides:
+        _override(values, item)
+    return pipeline_config_from_dict(values)
 
-        text = resources.files("edgekd").joinpath("configs/default.toml").read_text()
-        return pipeline_config_from_dict(tomllib.loads(text))
-    return pipeline_config_from_dict(load_toml(path))
+
+def _override(values: dict, item: str) -> None:
+    import tomllib
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise EdgeKDError(f"--set {item!r}: write KEY=VALUE, e.g. --set student_recipe.epochs=3")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is a string
+    parts = key.strip().split(".")
+    node = values
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise EdgeKDError(f"--set {key}: {'.'.join(parts[:i])} has no item {part}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        raise EdgeKDError(f"--set {key}: give an item index before the key")
+    node[parts[-1]] = value
 
 
 @dataclass(frozen=True)
@@ -109,6 +161,8 @@ class RunRow:
 class PipelineResult:
     rows: tuple[RunRow, ...]
     deployed: dict | None  # edgekd.quantize.result_dict of the best student, when deploy.quantize
+    bench: object | None = None  # edgekd.bench.BenchReport of every model, when bench.enabled
+    bundle: object | None = None  # edgekd.package.PackageResult, when package.enabled
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable[[str], None] | None = None,
@@ -148,7 +202,53 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
 
     deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
     atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "deployed": deployed})
-    return PipelineResult(tuple(rows), deployed)
+    report = bundle = None
+    if cfg.bench.enabled:
+        from edgekd.bench import bench
+        from edgekd.report import write_bench_report
+
+        if on_stage:
+            on_stage("bench: every model on the test split through its own runtime, against the teacher")
+        b = cfg.bench
+        report = bench([out], data=data, threads=b.threads, batch=b.batch, min_runs=b.min_runs, min_seconds=b.min_seconds)
+        write_bench_report(report, out / "bench")
+    if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats:
+        from edgekd.package import package
+
+        if on_stage:
+            on_stage(f"package: {cfg.package.precision} bundle for apps, verified in LiteRT, MediaPipe and onnxruntime")
+        bundle = package(out, out_dir=out / "bundle", precision=cfg.package.precision, data=data,
+                         make_zip=cfg.package.zip, bench_runs=cfg.bench.min_runs, bench_seconds=cfg.bench.min_seconds)
+    write_manifest(cfg, out, data)
+    return PipelineResult(tuple(rows), deployed, report, bundle)
+
+
+def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
+    """Seeds, library versions, config, data and calibration hashes, and every artifact's SHA-256."""
+    import hashlib
+
+    from edgekd.bench import environment
+    from edgekd.checkpoint import atomic_write_json
+
+    def sha(path: Path) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    artifacts = {str(p.relative_to(out)): sha(p) for p in sorted(out.rglob("*"))
+                 if p.is_file() and p.name != "manifest.json" and not any(part.startswith(".") for part in p.parts)}
+    quant = out / "deploy" / "quantize.json"
+    calib = json.loads(quant.read_text())["calibration"]["sha256"] if quant.is_file() else None
+    seeds = {"split_seed": cfg.data.split_seed, "student_seed": cfg.student_recipe.seed,
+             **{f"teacher_{t.name}_seed": t.recipe.seed for t in cfg.teachers if not t.file}}
+    manifest = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "seeds": seeds,
+                "data": {"name": data.name, "fingerprint": data.fingerprint(), "classes": list(data.classes),
+                         "train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
+                "calibration_sha256": calib, "environment": environment(), "artifacts": artifacts}
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
 
 
 def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage) -> dict | None:

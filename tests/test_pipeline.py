@@ -1,3 +1,5 @@
+import hashlib
+import json
 import tomllib
 from pathlib import Path
 
@@ -19,8 +21,28 @@ def test_embedded_default_validates():
 def test_every_shipped_config_validates(path):
     from edgekd.config import distill_config_from_dict
 
+    from edgekd.zoo import ARCHS, list_architectures
+
     values = tomllib.loads(path.read_text())
-    (pipeline_config_from_dict if "teachers" in values else distill_config_from_dict)(values)
+    cfg = (pipeline_config_from_dict if "teachers" in values else distill_config_from_dict)(values)
+    archs = [t.model.arch for t in cfg.teachers] + [cfg.student.arch] if "teachers" in values else [cfg.model.arch]
+    known = set(list_architectures())
+    assert all(a in known for a in archs), archs
+    assert all(a in ARCHS or a.startswith("torchvision:") for a in archs)
+
+
+def test_shipped_seed_configs_cover_every_seed():
+    names = {p.name.split("_")[0] for p in CONFIGS}
+    assert {"seed000", "seed001", "seed002", "seed003", "seed004"} <= names
+
+
+def test_command_line_overrides_of_single_keys():
+    cfg = load_pipeline_config(None, ("student_recipe.epochs=3", "teachers.1.recipe.lr=0.01", "data.dataset=digits"))
+    assert cfg.student_recipe.epochs == 3 and cfg.teachers[1].recipe.lr == 0.01
+    with pytest.raises(EdgeKDError, match="student_recipe.epohcs"):
+        load_pipeline_config(None, ("student_recipe.epohcs=3",))
+    with pytest.raises(EdgeKDError, match="KEY=VALUE"):
+        load_pipeline_config(None, ("student_recipe.epochs",))
 
 
 @pytest.mark.parametrize("values, message", [
@@ -48,8 +70,21 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
     assert onnx["format"] == "onnx" and onnx["quantized_ops"] > 0 and (tmp_path / "deploy" / "model_int8.onnx").is_file()
     stages = []
     again = run_pipeline(cfg, tmp_path, on_stage=stages.append)
-    assert len(stages) == 6 and all("skipped" in s for s in stages) and again.rows == result.rows
-    assert (tmp_path / "summary.json").is_file()
+    work = [s for s in stages if not s.startswith("bench")]
+    assert len(work) == 6 and all("skipped" in s for s in work) and again.rows == result.rows
+    assert (tmp_path / "summary.json").is_file() and (tmp_path / "bench" / "report.html").is_file()
+    assert not (tmp_path / "bundle").exists()  # no TFLite file: nothing to package
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["data"]["fingerprint"] and manifest["calibration_sha256"]
+    assert manifest["seeds"]["split_seed"] == 0 and "torch" in manifest["environment"]["versions"]
+    ckpt = "students/kd_all/best.pt"
+    assert manifest["artifacts"][ckpt] == hashlib.sha256((tmp_path / ckpt).read_bytes()).hexdigest()
+    # a run killed during kd_all's training: its result.json was never written, last.pt was
+    (tmp_path / "students" / "kd_all" / "result.json").unlink()
+    stages = []
+    run_pipeline(cfg, tmp_path, on_stage=stages.append)
+    assert [s for s in stages if "kd_all" in s] == ["student kd_all: training seed003_student"]
+    assert sum("skipped" in s for s in stages) == 5  # the other 4 runs and the deploy step
 
 
 @pytest.mark.slow
@@ -65,3 +100,7 @@ def test_readme_main_command_runs_the_embedded_default(tmp_path):
     deployed = tmp_path / "run" / "deploy"
     for name in ("model.onnx", "model_int8.onnx", "model_fp32.tflite", "model_int8.tflite", "quantize.json"):
         assert (deployed / name).is_file(), name
+    run = tmp_path / "run"
+    assert (run / "bench" / "report.html").is_file() and (run / "manifest.json").is_file()
+    assert json.loads((run / "bundle" / "model.json").read_text())["status"] == "ok"
+    assert "bundle:" in result.output and "verified" in result.output

@@ -16,16 +16,23 @@ from edgekd.cli.common import AsJson, _Bars, _guarded, _progress, app, err
 def run_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="Pipeline TOML; the embedded default (digits) when omitted")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory; rerunning skips finished models and resumes the rest")] = Path("runs/default"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override one config key, e.g. --set student_recipe.epochs=3 (repeatable)")] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Run the whole experiment from one config: teachers, scratch student, KD from the best teacher and from all.
+    """Run the whole experiment from one config: teachers, scratch student, KD from the best teacher
+    and from all, int8 ONNX/TFLite of the best student, a benchmark report and an app bundle.
 
-    Interrupted runs continue where they stopped when the same command is run again.
+    Interrupted runs (even a killed process) continue where they stopped when the same command is
+    run again: finished models are skipped, an interrupted one resumes from its last epoch.
+    Writes <out>/bench/report.html, <out>/bundle/ and <out>/manifest.json.
+
+    Example: edgekd run                                   (embedded default, digits, a few minutes)
+    Example: edgekd run configs/seed002_cifar10.toml --out runs/seed002 --set student_recipe.epochs=3
     """
     from edgekd.pipeline import load_pipeline_config, run_pipeline
-    from edgekd.report import deploy_table, pipeline_table
+    from edgekd.report import bench_table, deploy_table, pipeline_table
 
-    cfg = _guarded(lambda: load_pipeline_config(config))
+    cfg = _guarded(lambda: load_pipeline_config(config, tuple(overrides or ())))
     with _progress() as progress:
         bars = _Bars(progress)
 
@@ -37,8 +44,22 @@ def run_cmd(
     err.print(pipeline_table(result.rows))
     if result.deployed:
         err.print(deploy_table(result.deployed))
+    if result.bench is not None:
+        err.print(bench_table(result.bench))
+        for r in result.bench.rows:
+            for w in r.warnings:
+                err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err.print(f"report: {out / 'bench' / 'report.html'}", highlight=False)
+    if result.bundle is not None:
+        state = "verified" if result.bundle.passed else "FAILED its checks"
+        err.print(f"bundle: {result.bundle.out_dir} ({state}: "
+                  + ", ".join(f"{c.name} {'ok' if c.ok else 'FAILED'}" for c in result.bundle.checks) + ")", highlight=False)
+    err.print(f"manifest: {out / 'manifest.json'}", highlight=False)
     if as_json:
-        sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "deployed": result.deployed}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "deployed": result.deployed,
+                                     "bench": result.bench.to_dict() if result.bench else None}, indent=2) + "\n")
+    if result.bundle is not None and not result.bundle.passed:
+        raise typer.Exit(1)
 
 
 @app.command("models")
