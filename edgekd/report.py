@@ -51,7 +51,7 @@ def deploy_table(deployed: dict) -> Table:
     """fp32 and int8 files of the deployed student, each measured through its own runtime."""
     folder = Path(deployed["models"][0]["int8"]["path"]).parent if deployed["models"] else ""
     table = Table(title=f"deployable files of student {deployed['student']} in {folder} (top-1 on the test split, own runtime)")
-    for col in ("file", "runtime", "precision", "size", "top-1", "int8 ops", "size ratio", "drop"):
+    for col in ("file", "runtime", "precision", "size", "top-1", "int8 ops", "size ratio", "top-1 change"):
         table.add_column(col, justify="left" if col in ("file", "runtime", "precision") else "right")
     for m in deployed["models"]:
         fp32, int8 = m["fp32"], m["int8"]
@@ -59,7 +59,7 @@ def deploy_table(deployed: dict) -> Table:
                       _pct(m["fp32_test_acc"]), "-", "-", "-")
         table.add_row(Path(int8["path"]).name, int8["runtime"], "int8", f"{int8['size_bytes'] / 1024:,.1f} KiB",
                       _pct(m["int8_test_acc"]), str(m["quantized_ops"]), f"{m['size_ratio']:.2f}x",
-                      f"{m['drop_pts']:+.2f} pts")
+                      f"{-m['drop_pts']:+.2f} pts")
     return table
 
 
