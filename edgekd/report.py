@@ -275,3 +275,24 @@ def write_bench_report(report, folder: Path) -> dict[str, Path]:
     atomic_write_text(folder / "bench.md", bench_markdown(report))
     atomic_write_text(folder / "report.html", bench_html(report, plots))
     return {"json": folder / "bench.json", "markdown": folder / "bench.md", "html": folder / "report.html", **plots}
+
+
+def comparison_table(report) -> Table:
+    """The seeds' comparison table for a whole run: every model and file, best top-1 first."""
+    teacher = report.row(report.teacher)
+    table = Table(title=f"edgekd run: every model the run produced, by test top-1 (reference: {report.teacher or 'none'})")
+    for col in ("model", "role", "runtime", "params", "size", "top-1", "p50 ms", "size reduction", "compression",
+                "speed-up"):
+        table.add_column(col, justify="left" if col in ("model", "role", "runtime") else "right", no_wrap=True)
+    ok = sorted((r for r in report.rows if r.status == "ok"), key=lambda r: -r.top1)
+    for r in ok + [r for r in report.rows if r.status != "ok"]:
+        if r.status != "ok":
+            table.add_row(r.name, r.role, "failed", *["-"] * 7, style="red")
+            continue
+        t = r.vs_teacher
+        table.add_row(r.name, r.role, f"{r.format} {r.precision}", _num(r.params, ","),
+                      f"{r.size_bytes / 1024:,.1f} KiB", f"{r.top1:.2f}%", f"{r.latency.p50_ms:.3f}",
+                      "-" if t is None else f"{t.size_reduction_pct:.1f}%", "-" if t is None else f"{t.compression:.2f}x",
+                      "-" if t is None or t.speedup is None else f"{t.speedup:.1f}x",
+                      style="bold" if teacher is not None and r.name == teacher.name else None)
+    return table

@@ -30,7 +30,7 @@ def run_cmd(
     Example: edgekd run configs/seed002_cifar10.toml --out runs/seed002 --set student_recipe.epochs=3
     """
     from edgekd.pipeline import load_pipeline_config, run_pipeline
-    from edgekd.report import bench_table, deploy_table, pipeline_table
+    from edgekd.report import comparison_table, deploy_table, pipeline_table
 
     cfg = _guarded(lambda: load_pipeline_config(config, tuple(overrides or ())))
     with _progress() as progress:
@@ -45,7 +45,7 @@ def run_cmd(
     if result.deployed:
         err.print(deploy_table(result.deployed))
     if result.bench is not None:
-        err.print(bench_table(result.bench))
+        err.print(comparison_table(result.bench))
         for r in result.bench.rows:
             for w in r.warnings:
                 err.print(f"[yellow]warning:[/] {w}", highlight=False)
