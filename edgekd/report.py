@@ -125,23 +125,41 @@ def bench_markdown(report) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+def plot_series(report) -> dict:
+    """The numbers every plot draws (also written as plots.json, so plots can be checked and redrawn)."""
+    ok = [r for r in report.rows if r.status == "ok"]
+    pair = [r for r in (report.row(report.teacher), report.row(report.focus)) if r is not None and r.status == "ok"]
+    return {
+        "accuracy": [{"model": r.name, "top1": r.top1} for r in ok],
+        "tradeoff": [{"model": r.name, "p50_ms": r.latency.p50_ms, "top1": r.top1, "size_bytes": r.size_bytes} for r in ok],
+        "confusion": [{"model": r.name, "matrix": [list(row) for row in r.confusion]} for r in pair],
+        "per_class": [{"model": r.name, "accuracy": list(r.per_class)} for r in pair],
+        "curves": {name: {"epoch": [h["epoch"] for h in hist], "train_acc": [h["train_acc"] for h in hist],
+                          "val_acc": [h["val_acc"] for h in hist]} for name, hist in report.histories.items()},
+    }
+
+
 def bench_plots(report, folder: Path) -> dict[str, Path]:
-    """Write the PNG plots; returns section name -> file. Drawn with matplotlib's Agg backend."""
+    """Write the PNG plots and plots.json; returns section name -> file. Drawn with matplotlib's Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from edgekd.checkpoint import atomic_write_json
+
     folder.mkdir(parents=True, exist_ok=True)
     ok = [r for r in report.rows if r.status == "ok"]
     files: dict[str, Path] = {}
     if not ok:
         return files
+    series = plot_series(report)
+    atomic_write_json(folder / "plots.json", series)
     colors = ["#444444" if r.name == report.teacher else ("#2a9d8f" if r.precision == "int8" else "#457b9d") for r in ok]
 
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ok) + 2), 4))
-    ax.bar(range(len(ok)), [r.top1 for r in ok], color=colors)
+    ax.bar(range(len(ok)), [e["top1"] for e in series["accuracy"]], color=colors)
     for i, r in enumerate(ok):
         ax.text(i, r.top1, f"{r.top1:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(ok)), [r.name for r in ok], rotation=30, ha="right", fontsize=8)
@@ -152,9 +170,10 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
     files["accuracy"] = _save(fig, folder / "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sizes = np.array([r.size_bytes for r in ok], dtype=float)
+    sizes = np.array([e["size_bytes"] for e in series["tradeoff"]], dtype=float)
     area = 40 + 400 * sizes / sizes.max()
-    ax.scatter([r.latency.p50_ms for r in ok], [r.top1 for r in ok], s=area, c=colors, alpha=0.8)
+    ax.scatter([e["p50_ms"] for e in series["tradeoff"]], [e["top1"] for e in series["tradeoff"]], s=area, c=colors,
+               alpha=0.8)
     for r in ok:
         ax.annotate(f"{r.name}\n{r.size_bytes / 1024:,.0f} KiB", (r.latency.p50_ms, r.top1), fontsize=7,
                     xytext=(5, 5), textcoords="offset points")
@@ -170,7 +189,7 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
     if pair:
         fig, axes = plt.subplots(1, len(pair) + (len(pair) == 2), figsize=(5.2 * (len(pair) + (len(pair) == 2)), 4.8))
         axes = np.atleast_1d(axes)
-        mats = [np.array(r.confusion) for r in pair]
+        mats = [np.array(entry["matrix"]) for entry in series["confusion"]]
         for ax, r, m in zip(axes, pair, mats):
             im = ax.imshow(m, cmap="Blues")
             ax.set_title(f"{r.name}\n(rows: true class)", fontsize=9)
@@ -189,8 +208,9 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
 
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 2), 4))
         width = 0.8 / len(pair)
-        for i, r in enumerate(pair):
-            ax.bar(np.arange(len(classes)) + i * width, r.per_class, width, label=r.name)
+        for i, entry in enumerate(series["per_class"]):
+            acc = [np.nan if v is None else v for v in entry["accuracy"]]
+            ax.bar(np.arange(len(classes)) + i * width, acc, width, label=entry["model"])
         ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel("accuracy (%)")
         ax.set_title("per-class accuracy")
@@ -199,11 +219,10 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
 
     if report.histories:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, (name, hist) in enumerate(report.histories.items()):
-            epochs = [h["epoch"] for h in hist]
+        for i, (name, curve) in enumerate(series["curves"].items()):
             c = f"C{i % 10}"
-            ax.plot(epochs, [h["train_acc"] for h in hist], "--", color=c, label=f"{name} train")
-            ax.plot(epochs, [h["val_acc"] for h in hist], "-", color=c, label=f"{name} val")
+            ax.plot(curve["epoch"], curve["train_acc"], "--", color=c, label=f"{name} train")
+            ax.plot(curve["epoch"], curve["val_acc"], "-", color=c, label=f"{name} val")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
         ax.set_title("training curves: train (dashed) vs validation (solid)")
@@ -274,7 +293,8 @@ def write_bench_report(report, folder: Path) -> dict[str, Path]:
     atomic_write_json(folder / "bench.json", report.to_dict())
     atomic_write_text(folder / "bench.md", bench_markdown(report))
     atomic_write_text(folder / "report.html", bench_html(report, plots))
-    return {"json": folder / "bench.json", "markdown": folder / "bench.md", "html": folder / "report.html", **plots}
+    return {"json": folder / "bench.json", "markdown": folder / "bench.md", "html": folder / "report.html", **plots,
+            **({"plots_json": folder / "plots.json"} if plots else {})}
 
 
 def comparison_table(report) -> Table:

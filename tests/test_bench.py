@@ -146,15 +146,25 @@ def test_report_files_and_html_sections(digits_bench, tmp_path):
     for section in HTML_SECTIONS:
         if section != "curves" or digits_bench.histories:
             assert f"id='{section}'" in html, section
-    assert html.count("data:image/png;base64,") == len([k for k in files if k not in ("json", "markdown", "html")])
+    pngs = [k for k in files if k not in ("json", "markdown", "html", "plots_json")]
+    assert html.count("data:image/png;base64,") == len(pngs)
     assert "src='http" not in html and "<script" not in html  # self-contained, readable offline
     md = bench_markdown(digits_bench)
     assert md.count("\n| ") == len(digits_bench.rows) + 1 and "failed: " in md
     saved = json.loads(files["json"].read_text())
     assert [m["name"] for m in saved["models"]] == [r.name for r in digits_bench.rows]
-    # plotted data is the data in the JSON: the accuracy bars carry the top-1 of every ok row
-    assert set(k for k in files if k.endswith("png") or k in ("accuracy", "tradeoff", "confusion", "per_class", "curves")) >= {
-        "accuracy", "tradeoff", "confusion", "per_class"}
+    assert {"accuracy", "tradeoff", "confusion", "per_class"} <= set(pngs)
+    # the numbers the plots drew are the measured ones in bench.json
+    plotted = json.loads(files["plots_json"].read_text())
+    ok = [m for m in saved["models"] if m["status"] == "ok"]
+    assert [(e["model"], e["top1"]) for e in plotted["accuracy"]] == [(m["name"], m["top1"]) for m in ok]
+    assert [e["p50_ms"] for e in plotted["tradeoff"]] == [m["latency"]["p50_ms"] for m in ok]
+    by_name = {m["name"]: m for m in saved["models"]}
+    assert [e["model"] for e in plotted["confusion"]] == [saved["teacher"], saved["focus"]]
+    for e in plotted["confusion"]:
+        assert e["matrix"] == by_name[e["model"]]["confusion"]
+    for e in plotted["per_class"]:
+        assert e["accuracy"] == by_name[e["model"]]["per_class"]
 
 
 def test_bench_cli_reports_failed_models_and_exits_1(quantized, tmp_path):
