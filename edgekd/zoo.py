@@ -449,8 +449,43 @@ def _load_torch_teacher(path: Path, device, mean, std) -> FunctionTeacher:
             x = x.contiguous(memory_format=torch.channels_last)
         return model(x).float().cpu()
 
-    return FunctionTeacher(path.name, run, tuple(meta["classes"]), kind="edgekd",
+    fast = _onnxruntime_forward(model, meta, run) if device.type == "cpu" else None
+    return FunctionTeacher(path.name, fast or run, tuple(meta["classes"]), kind="edgekd (onnxruntime)" if fast else "edgekd",
                            as_logits=OutputsAsLogits(probabilities=False))
+
+
+def _onnxruntime_forward(model: nn.Module, meta: dict, eager) -> Callable | None:
+    """On the CPU, the same teacher through onnxruntime: 1.4-1.5x PyTorch eager's batch throughput
+    on seed 002's teacher here (channels_last eager 185-203 vs 275-305 images/s, batch 512, one
+    thread), which is what the teacher-output cache costs. Checked against eager on random
+    pixels; None (stay eager) when onnxruntime is missing or the export or the check fails."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    import tempfile
+
+    from edgekd.export import Deployable, onnx_session, to_onnx
+
+    channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
+    net = Deployable(model, meta["mean"], meta["std"]).eval()
+    probe = torch.rand(4, channels, *size, generator=torch.Generator().manual_seed(0))
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgekd-teacher-") as tmp:
+            path = to_onnx(net, probe, Path(tmp) / "teacher.onnx")
+            sess = onnx_session(path, threads=torch.get_num_threads())
+        name = sess.get_inputs()[0].name
+
+        def run(x_unit: torch.Tensor) -> torch.Tensor:
+            x = fit_input(x_unit.cpu(), channels, size).contiguous().numpy()
+            return torch.from_numpy(sess.run(None, {name: x})[0])
+
+        want, got = eager(probe), run(probe)
+        if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+            return None
+        return run
+    except Exception:  # noqa: BLE001 - any export or runtime failure: the eager teacher is correct, just slower
+        return None
 
 
 def fit_input(x: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:

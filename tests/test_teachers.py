@@ -1,6 +1,7 @@
 """Every teacher format gives the same logits as the model it came from, and bad teachers fail early."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,19 @@ def test_class_mismatch_is_an_error_before_training(teacher_run, synth):
     object.__setattr__(renamed, "classes", tuple(reversed(synth.classes)))
     with pytest.raises(EdgeKDError, match="another order"):
         check_teachers([load_teacher(teacher_run.out_dir / "best.pt")], renamed)
+
+
+def test_cpu_teacher_runs_through_onnxruntime_and_matches_eager(teacher_run):
+    """edgekd teachers on the CPU run via onnxruntime (faster cache); outputs equal PyTorch's."""
+    from edgekd.checkpoint import load_model
+    from edgekd.export import Deployable
+    from edgekd.zoo import load_teacher
+
+    path = Path(teacher_run.out_dir) / "best.pt"
+    t = load_teacher(path)
+    assert t.kind == "edgekd (onnxruntime)"
+    model, meta = load_model(path)
+    x = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        want = Deployable(model, meta["mean"], meta["std"]).eval()(x)
+    assert torch.allclose(t(x), want, atol=1e-4, rtol=1e-4)
