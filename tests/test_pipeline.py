@@ -104,3 +104,15 @@ def test_readme_main_command_runs_the_embedded_default(tmp_path):
     assert (run / "bench" / "report.html").is_file() and (run / "manifest.json").is_file()
     assert json.loads((run / "bundle" / "model.json").read_text())["status"] == "ok"
     assert "bundle:" in result.output and "verified" in result.output
+
+
+def test_run_cli_errors_are_one_line_with_the_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--set", "studnet.arch=x", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "unknown section [studnet]" in result.output  # brackets survive Rich
+    result = CliRunner().invoke(app, ["run", "--set", "teachers.0.file=/nope.onnx", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "teacher file not found: /nope.onnx" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "r" / "students").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from edgekd.cli.common import AsJson, _guarded, _progress, app, err
 
@@ -51,12 +52,12 @@ def bench_cmd(
     err.print(bench_table(report))
     for r in report.rows:
         for w in r.warnings:
-            err.print(f"[yellow]warning:[/] {w}", highlight=False)
+            err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     err.print(f"report: {files['html']}  (also {files['json'].name}, {files['markdown'].name} and "
               f"{len(files) - 3} plots in {folder})", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     for r in report.failed:
-        err.print(f"[bold red]error:[/] {r.name}: {r.error}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(r.name)}: {escape(r.error or '')}", highlight=False, soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)

@@ -50,6 +50,6 @@ def package_cmd(
         sys.stdout.write(json.dumps(json.loads((result.out_dir / "model.json").read_text()), indent=2) + "\n")
     if not result.passed:
         failed = [c for c in result.checks if not c.ok]
-        err.print(f"[bold red]error:[/] the bundle failed its own check: {failed[0].name}: {failed[0].detail}",
+        err.print(f"[bold red]error:[/] the bundle failed its own check: {failed[0].name}: {escape(failed[0].detail)}",
                   highlight=False)
         raise typer.Exit(1)

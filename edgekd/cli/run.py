@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from edgekd.cli.common import AsJson, _Bars, _guarded, _progress, app, err
 
@@ -48,7 +49,7 @@ def run_cmd(
         err.print(comparison_table(result.bench))
         for r in result.bench.rows:
             for w in r.warnings:
-                err.print(f"[yellow]warning:[/] {w}", highlight=False)
+                err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
         err.print(f"report: {out / 'bench' / 'report.html'}", highlight=False)
     if result.bundle is not None:
         state = "verified" if result.bundle.passed else "FAILED its checks"
