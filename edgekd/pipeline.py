@@ -210,7 +210,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
         if on_stage:
             on_stage("bench: every model on the test split through its own runtime, against the teacher")
         b = cfg.bench
-        report = bench([out], data=data, threads=b.threads, batch=b.batch, min_runs=b.min_runs, min_seconds=b.min_seconds)
+        report = bench([out], data=data, threads=b.threads, batch=b.batch, min_runs=b.min_runs, min_seconds=b.min_seconds,
+                       on_step=on_step)
         write_bench_report(report, out / "bench")
     if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats:
         from edgekd.package import package
@@ -218,7 +219,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
         if on_stage:
             on_stage(f"package: {cfg.package.precision} bundle for apps, verified in LiteRT, MediaPipe and onnxruntime")
         bundle = package(out, out_dir=out / "bundle", precision=cfg.package.precision, data=data,
-                         make_zip=cfg.package.zip, bench_runs=cfg.bench.min_runs, bench_seconds=cfg.bench.min_seconds)
+                         make_zip=cfg.package.zip, bench_runs=cfg.bench.min_runs, bench_seconds=cfg.bench.min_seconds,
+                         on_step=on_stage)
     write_manifest(cfg, out, data)
     return PipelineResult(tuple(rows), deployed, report, bundle)
 
