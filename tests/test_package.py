@@ -125,3 +125,19 @@ def test_package_cli_error_line(tmp_path):
     assert result.exit_code == 1 and "not found" in result.output
     result = CliRunner().invoke(app, ["package", "--help"])
     assert result.exit_code == 0 and "MediaPipe" in result.output and "Example" in result.output
+
+
+def test_package_uint8_input_model_needs_no_normalization(digits_model, tmp_path):
+    """uint8 input (codes 0..255 = pixels) carries no normalization metadata and still runs in MediaPipe."""
+    from edgekd.package import package, read_metadata
+    from edgekd.quantize import quantize
+
+    res = quantize(digits_model, formats=("tflite",), calib_size=60, io="uint8", out_dir=tmp_path / "q")
+    [m] = res.models
+    bundle = package(m.int8.path, out_dir=tmp_path / "bundle", bench_runs=5, bench_seconds=0.0)
+    assert bundle.passed, [c for c in bundle.checks if not c.ok]
+    manifest = json.loads((bundle.out_dir / "model.json").read_text())
+    assert manifest["input"]["dtype"] == "uint8" and manifest["input"]["metadata_normalization"] is None
+    assert manifest["input"]["quantization"]["zero_point"] <= 2
+    assert read_metadata(bundle.out_dir / "model.tflite")["mean"] is None
+    assert "input.put(r.toByte())" in (bundle.out_dir / "README.md").read_text()
