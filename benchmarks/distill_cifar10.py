@@ -187,14 +187,15 @@ def keras_peer(epochs: int) -> None:
 # edgekd on the same pair, batch size and epochs.
 
 
-def _edgekd_cfg(arch: str, epochs: int, seed: int, teachers=(), lr=1e-3, views=2, temperature=10.0, **recipe):
+def _edgekd_cfg(arch: str, epochs: int, seed: int, teachers=(), lr=1e-3, views=2, temperature=10.0, alpha=0.5,
+                **recipe):
     from edgekd import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 
     return DistillConfig(
         data=DataConfig(dataset=str(DATA), val_fraction=0.1),
         model=ModelConfig(arch=arch),
         recipe=RecipeConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=lr, seed=seed, **recipe),
-        kd=KDConfig(teachers=tuple(teachers), temperature=temperature, alpha=0.5, cache_views=views),
+        kd=KDConfig(teachers=tuple(teachers), temperature=temperature, alpha=alpha, cache_views=views),
     )
 
 
@@ -235,6 +236,15 @@ def edgekd_runs(epochs: int, seeds: list[int], phases: set[str]) -> None:
             _run(f"edgekd/distill-v2-views4-T4/{epochs}ep/seed{seed}",
                  _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, views=4, temperature=4.0, **aug),
                  RUNS / f"distill-v2-{seed}", data)
+    if "edgekd-ort" in phases:  # the T=10, 2-view run again, teacher cache through onnxruntime
+        for seed in seeds[:1]:
+            _run(f"edgekd/distill-ort/{epochs}ep/seed{seed}",
+                 _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, **aug), RUNS / f"distill-ort-{seed}", data)
+    if "edgekd-kd-v3" in phases:  # mostly soft targets: alpha 0.1, T = 4, 4 views (cache through onnxruntime)
+        for seed in seeds:
+            _run(f"edgekd/distill-v3-alpha0.1-views4-T4/{epochs}ep/seed{seed}",
+                 _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, views=4, temperature=4.0, alpha=0.1,
+                             **aug), RUNS / f"distill-v3-{seed}", data)
     if "default-student" in phases:
         from edgekd import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 
@@ -267,7 +277,8 @@ def report() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phases", nargs="+", choices=["seed002", "keras", "edgekd", "edgekd-seeds", "edgekd-kd-v2", "default-student", "report"])
+    parser.add_argument("phases", nargs="+", choices=["seed002", "keras", "edgekd", "edgekd-seeds", "edgekd-kd-v2",
+                                                          "edgekd-ort", "edgekd-kd-v3", "default-student", "report"])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
@@ -281,7 +292,7 @@ def main() -> None:
         seed002(args.epochs)
     if "keras" in phases:
         keras_peer(args.epochs)
-    if phases & {"edgekd", "edgekd-seeds", "edgekd-kd-v2", "default-student"}:
+    if phases & {"edgekd", "edgekd-seeds", "edgekd-kd-v2", "edgekd-ort", "edgekd-kd-v3", "default-student"}:
         edgekd_runs(args.epochs, args.seeds, phases)
     if "report" in phases:
         print(report())
