@@ -210,8 +210,14 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
         if on_stage:
             on_stage("bench: every model on the test split through its own runtime, against the teacher")
         b = cfg.bench
-        report = bench([out], data=data, threads=b.threads, batch=b.batch, min_runs=b.min_runs, min_seconds=b.min_seconds,
-                       on_step=on_step)
+        from edgekd.bench import SUFFIX_FORMAT
+
+        # teachers given as files are benchmarked too; the reference is the best trained teacher, else the first file
+        files = [f for _, f, acc in teacher_files if acc != acc and Path(f).suffix.lower() in SUFFIX_FORMAT]
+        trained = [f for _, f, acc in ranked if acc == acc]
+        reference = (trained or files or [None])[0]
+        report = bench([*files, out], data=data, teacher=reference, threads=b.threads, batch=b.batch,
+                       min_runs=b.min_runs, min_seconds=b.min_seconds, on_step=on_step)
         write_bench_report(report, out / "bench")
     if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats:
         from edgekd.package import package

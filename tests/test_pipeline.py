@@ -116,3 +116,17 @@ def test_run_cli_errors_are_one_line_with_the_key(tmp_path):
     result = CliRunner().invoke(app, ["run", "--set", "teachers.0.file=/nope.onnx", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "teacher file not found: /nope.onnx" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "r" / "students").exists()
+
+
+def test_teacher_from_a_file_is_the_bench_reference(digits_model, tmp_path):
+    cfg = pipeline_config_from_dict({
+        "teachers": [{"name": "ready", "file": str(digits_model)}],
+        "student": {"arch": "seed003_student"}, "student_recipe": {"epochs": 1, "batch_size": 128},
+        "students": ["kd_best"], "deploy": {"quantize": False}, "bench": {"min_runs": 3, "min_seconds": 0.0},
+    })
+    result = run_pipeline(cfg, tmp_path)
+    assert [r.name for r in result.rows] == ["kd_best"]
+    rows = {r.name: r for r in result.bench.rows}
+    teacher = rows[result.bench.teacher]
+    assert teacher.role == "teacher" and teacher.path == str(digits_model) and teacher.status == "ok"
+    assert rows["kd_best"].vs_teacher.against == teacher.name
