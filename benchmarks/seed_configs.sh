@@ -18,6 +18,10 @@ run() {
 mkdir -p runs
 # seed 002: teacher 2 epochs instead of 10 (254 s per epoch here); students as published (10 epochs)
 run seed002 configs/seed002_cifar10.toml --out runs/seed002 --set teachers.0.recipe.epochs=2
+# seed 002 again with the 10-epoch teacher that benchmarks/distill_cifar10.py trained with this config's
+# teacher recipe (runs/bench-cifar10/edgekd-teacher/best.pt), loaded as a file: students as published
+run seed002-teacher10 configs/seed002_cifar10.toml --out runs/seed002-teacher10 \
+  --set teachers.0.file=runs/bench-cifar10/edgekd-teacher/best.pt
 # seed 001: teacher 2 epochs, students 5, one cached teacher view (config: 30 / 30 / 4)
 run seed001 configs/seed001_cifar10.toml --out runs/seed001 --set teachers.0.recipe.epochs=2 \
   --set student_recipe.epochs=5 --set kd.cache_views=1
