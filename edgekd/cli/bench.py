@@ -28,10 +28,7 @@ def bench_cmd(
 ) -> None:
     """Size, latency and accuracy of every model against the teacher, each through its own runtime.
 
-    Accuracy (top-1, top-5, per class, confusion matrix, agreement with the teacher) is measured on
-    the whole test split; latency is p50/p90/p99/mean/std of single-image runs after warm-up. Writes
-    a JSON file (schema edgekd.bench/1), a Markdown table, PNG plots and a self-contained HTML report.
-    Models that cannot be benchmarked are reported as failed; the command then exits 1.
+    Accuracy (top-1, top-5, per class, confusion matrix, agreement with the teacher) is measured on the whole test split; latency is p50/p90/p99/mean/std of single-image runs after warm-up. Writes a JSON file (schema edgekd.bench/1), a Markdown table, PNG plots and a self-contained HTML report. Models that cannot be benchmarked are reported as failed; the command then exits 1.
 
     Example: edgekd bench runs/default            (everything a run produced)
     Example: edgekd bench teacher.pt model_int8.tflite model.onnx --teacher teacher.pt --data digits

@@ -31,8 +31,7 @@ def export_cmd(
 ) -> None:
     """Export a checkpoint to ONNX and TFLite (fp32), each checked against PyTorch on real images.
 
-    Exported models take [0, 1] pixels (RGB, or grayscale for 1-channel data) and normalize inside;
-    ONNX is NCHW, TFLite is NHWC. A .json file beside each model records its preprocessing and check.
+    Exported models take [0, 1] pixels (RGB, or grayscale for 1-channel data) and normalize inside; ONNX is NCHW, TFLite is NHWC. A .json file beside each model records its preprocessing and check.
 
     Example: edgekd export runs/distill-edge_resnet_s/best.pt -f onnx -f tflite
     """
@@ -65,8 +64,7 @@ def quantize_cmd(
 ) -> None:
     """Quantize to int8 (weights and activations) with a representative dataset, and prove it.
 
-    Counts the quantized operators (fails if the model silently stayed float) and evaluates fp32 and
-    int8 on the whole test split through their own runtimes.
+    Counts the quantized operators (fails if the model silently stayed float) and evaluates fp32 and int8 on the whole test split through their own runtimes.
 
     Example: edgekd quantize runs/distill-edge_resnet_s/best.pt --max-drop 1.0
     """

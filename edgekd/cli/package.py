@@ -26,11 +26,7 @@ def package_cmd(
 ) -> None:
     """Write a bundle a mobile app loads as is, then load it back to prove it.
 
-    The bundle: model.tflite with metadata (normalization, labels) that MediaPipe's ImageClassifier
-    runs with no preprocessing code, model.onnx / model_int8.onnx, labels.txt, model.json (input,
-    output, quantization, measured accuracy and latency), MODEL_CARD.md, README.md with Kotlin and
-    Swift snippets, SHA256SUMS. Verified through LiteRT, MediaPipe and onnxruntime on real test
-    images before it is reported as done; exits 1 when a check fails.
+    The bundle: model.tflite with metadata (normalization, labels) that MediaPipe's ImageClassifier runs with no preprocessing code, model.onnx / model_int8.onnx, labels.txt, model.json (input, output, quantization, measured accuracy and latency), MODEL_CARD.md, README.md with Kotlin and Swift snippets, SHA256SUMS. Verified through LiteRT, MediaPipe and onnxruntime on real test images before it is reported as done; exits 1 when a check fails.
 
     Example: edgekd package runs/default --out bundle --zip
     """

@@ -20,14 +20,11 @@ def run_cmd(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override one config key, e.g. --set student_recipe.epochs=3 (repeatable)")] = None,
     as_json: AsJson = False,
 ) -> None:
-    """Run the whole experiment from one config: teachers, scratch student, KD from the best teacher
-    and from all, int8 ONNX/TFLite of the best student, a benchmark report and an app bundle.
+    """Run the whole experiment from one config: teachers, scratch student, KD from the best teacher and from all, int8 ONNX/TFLite of the best student, a benchmark report and an app bundle.
 
-    Interrupted runs (even a killed process) continue where they stopped when the same command is
-    run again: finished models are skipped, an interrupted one resumes from its last epoch.
-    Writes <out>/bench/report.html, <out>/bundle/ and <out>/manifest.json.
+    Interrupted runs (even a killed process) continue where they stopped when the same command is run again: finished models are skipped, an interrupted one resumes from its last epoch. Writes <out>/bench/report.html, <out>/bundle/ and <out>/manifest.json.
 
-    Example: edgekd run                                   (embedded default, digits, a few minutes)
+    Example: edgekd run    (the embedded default: digits, about 1.5 minutes)
     Example: edgekd run configs/seed002_cifar10.toml --out runs/seed002 --set student_recipe.epochs=3
     """
     from edgekd.pipeline import load_pipeline_config, run_pipeline
