@@ -208,11 +208,9 @@ def _tflite_is_int8(runner) -> bool:
 
 
 def _sidecar(path: Path) -> dict:
-    side = path.with_name(path.name + ".json")
-    try:
-        return json.loads(side.read_text()) if side.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
+    from edgekd.checkpoint import read_json
+
+    return read_json(path.with_name(path.name + ".json"))
 
 
 def _classes(side: dict) -> tuple[str, ...] | None:
@@ -384,10 +382,9 @@ def _model_files(folder: Path) -> list[Path]:
 
 
 def _val_acc(run_dir: Path) -> float:
-    try:
-        return float(json.loads((run_dir / "result.json").read_text())["best_val_acc"])
-    except (OSError, KeyError, ValueError):
-        return -1.0
+    from edgekd.checkpoint import read_json
+
+    return float(read_json(run_dir / "result.json").get("best_val_acc", -1.0))
 
 
 def bench(

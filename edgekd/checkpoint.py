@@ -38,6 +38,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when it is missing or unreadable (sidecars, result files)."""
+    try:
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 

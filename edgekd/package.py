@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgekd.checkpoint import read_json
 from edgekd.errors import EdgeKDError
 
 BUNDLE_SCHEMA = "edgekd.bundle/1"
@@ -88,7 +89,7 @@ def locate(source: str | Path, precision: str = "int8", labels: str | Path | Non
                     f"edgekd {'quantize' if precision == 'int8' else 'export'} {src}")
             raise EdgeKDError(f"no {precision} model yet: {tflite} does not exist; run `{hint}` first"
                               + (" (or package the float model with --precision fp32)" if precision == "int8" else ""))
-    side = _read_json(tflite.with_name(tflite.name + ".json"))
+    side = read_json(tflite.with_name(tflite.name + ".json"))
     if side.get("status") == "failed":
         raise EdgeKDError(f"{tflite} is marked failed by edgekd quantize (accuracy gate); fix it before packaging")
     ckpt = None
@@ -101,24 +102,17 @@ def locate(source: str | Path, precision: str = "int8", labels: str | Path | Non
     return Sources(tflite, onnx, ckpt, side, teacher)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        return {}
-
-
 def _best_teacher(run: Path) -> Path | None:
     best, acc = None, -1.0
     for t in sorted((run / "teachers").glob("*/best.pt")):
-        a = _read_json(t.parent / "result.json").get("best_val_acc", -1.0)
+        a = read_json(t.parent / "result.json").get("best_val_acc", -1.0)
         if a > acc:
             best, acc = t, a
     return best
 
 
 def _config_teacher(ckpt: Path) -> Path | None:
-    teachers = _read_json(ckpt.parent / "config.json").get("kd", {}).get("teachers", [])
+    teachers = read_json(ckpt.parent / "config.json").get("kd", {}).get("teachers", [])
     files = [Path(t) for t in teachers if Path(t).suffix in (".pt", ".onnx", ".tflite") and Path(t).is_file()]
     return files[0] if files else None
 
@@ -491,8 +485,8 @@ def bundle_json(sources: Sources, desc: dict, names: list[str], norm, precision:
 def model_card(sources: Sources, data, manifest: dict, report) -> str:
     from edgekd.report import bench_markdown
 
-    cfg = _read_json(sources.checkpoint.parent / "config.json") if sources.checkpoint else {}
-    result = _read_json(sources.checkpoint.parent / "result.json") if sources.checkpoint else {}
+    cfg = read_json(sources.checkpoint.parent / "config.json") if sources.checkpoint else {}
+    result = read_json(sources.checkpoint.parent / "result.json") if sources.checkpoint else {}
     recipe = cfg.get("recipe", {})
     kd = cfg.get("kd", {})
     teachers = kd.get("teachers") or []

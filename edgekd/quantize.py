@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import platform
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edgekd.bench import time_calls
 from edgekd.checkpoint import atomic_write_json, load_model
 from edgekd.data import ImageData
 from edgekd.errors import EdgeKDError
@@ -268,15 +268,8 @@ def onnx_latency_ms(path: Path, runs: int = 200) -> float:
     sess = onnx_session(path, threads=1)
     x = np.random.default_rng(0).random(tuple(d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape),
                                         dtype=np.float32)
-    name = sess.get_inputs()[0].name
-    for _ in range(20):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    feed = {sess.get_inputs()[0].name: x}
+    return time_calls(lambda: sess.run(None, feed), warmup=20, min_runs=runs, min_seconds=0.0).p50_ms
 
 
 # ---------------------------------------------------------------------------------------------
