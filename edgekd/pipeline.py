@@ -202,23 +202,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
 
     deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
     atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "deployed": deployed})
-    report = bundle = None
-    if cfg.bench.enabled:
-        from edgekd.bench import bench
-        from edgekd.report import write_bench_report
-
-        if on_stage:
-            on_stage("bench: every model on the test split through its own runtime, against the teacher")
-        b = cfg.bench
-        from edgekd.bench import SUFFIX_FORMAT
-
-        # teachers given as files are benchmarked too; the reference is the best trained teacher, else the first file
-        files = [f for _, f, acc in teacher_files if acc != acc and Path(f).suffix.lower() in SUFFIX_FORMAT]
-        trained = [f for _, f, acc in ranked if acc == acc]
-        reference = (trained or files or [None])[0]
-        report = bench([*files, out], data=data, teacher=reference, threads=b.threads, batch=b.batch,
-                       min_runs=b.min_runs, min_seconds=b.min_seconds, on_step=on_step)
-        write_bench_report(report, out / "bench")
+    report = _bench(cfg.bench, out, data, teacher_files, on_stage, on_step) if cfg.bench.enabled else None
+    bundle = None
     if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats:
         from edgekd.package import package
 
@@ -229,6 +214,22 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
                          on_step=on_stage)
     write_manifest(cfg, out, data)
     return PipelineResult(tuple(rows), deployed, report, bundle)
+
+
+def _bench(b: BenchConfig, out: Path, data, teacher_files, on_stage, on_step):
+    """Every model of the run against the reference teacher: the best trained one, else the first file."""
+    from edgekd.bench import SUFFIX_FORMAT, bench
+    from edgekd.report import write_bench_report
+
+    if on_stage:
+        on_stage("bench: every model on the test split through its own runtime, against the teacher")
+    files = [f for _, f, acc in teacher_files if acc != acc and Path(f).suffix.lower() in SUFFIX_FORMAT]
+    trained = sorted((t for t in teacher_files if t[2] == t[2]), key=lambda t: -t[2])
+    reference = ([f for _, f, _ in trained] or files or [None])[0]
+    report = bench([*files, out], data=data, teacher=reference, threads=b.threads, batch=b.batch,
+                   min_runs=b.min_runs, min_seconds=b.min_seconds, on_step=on_step)
+    write_bench_report(report, out / "bench")
+    return report
 
 
 def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
