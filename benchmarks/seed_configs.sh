@@ -25,7 +25,8 @@ run seed002-teacher10 configs/seed002_cifar10.toml --out runs/seed002-teacher10 
 # seed 001: teacher 2 epochs, students 5, one cached teacher view (config: 30 / 30 / 4)
 run seed001 configs/seed001_cifar10.toml --out runs/seed001 --set teachers.0.recipe.epochs=2 \
   --set student_recipe.epochs=5 --set kd.cache_views=1
-# seed 000: teachers 1 epoch each (VGG16 at 48 px trains at tens of images/s here), student 5 epochs,
+# seed 000 (not finished here: VGG16's first epoch alone took over 38 minutes on 2 cores):
+# teachers 1 epoch each (VGG16 at 48 px trains at tens of images/s here), student 5 epochs,
 # one cached view per teacher (config: 30 / 30 / 4)
 run seed000 configs/seed000_cifar10.toml --out runs/seed000 --set teachers.0.recipe.epochs=1 \
   --set teachers.1.recipe.epochs=1 --set student_recipe.epochs=5 --set kd.cache_views=1
