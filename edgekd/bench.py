@@ -167,14 +167,7 @@ def _load_tflite(path: Path, threads: int) -> Loaded:
     precision = "int8" if _tflite_is_int8(runner) else ("fp16" if "fp16" in path.stem else "fp32")
 
     def call(x: np.ndarray):
-        x = nhwc_array(x)
-
-        def invoke():
-            runner.set_input(x)
-            runner.interp.invoke()
-            return runner.get_output()
-
-        return invoke
+        return _invoke(runner, nhwc_array(x))
 
     def batched(x: np.ndarray):
         # A second interpreter resized to the batch; files with a fixed batch of 1 loop instead.
@@ -186,19 +179,23 @@ def _load_tflite(path: Path, threads: int) -> Loaded:
             big.out = big.interp.get_output_details()[0]
         except Exception:  # noqa: BLE001 - not resizable: fall back to one image at a time
             return lambda: runner(nhwc_array(x))
-        xb = nhwc_array(x)
-
-        def invoke():
-            big.set_input(xb)
-            big.interp.invoke()
-            return big.get_output()
-
-        return invoke
+        return _invoke(big, nhwc_array(x))
 
     from importlib.metadata import version
 
     return Loaded("tflite", f"litert {version('ai-edge-litert')}", precision, int(shape[3]), (int(shape[1]), int(shape[2])),
                   _classes(side), lambda x: runner(nhwc_array(x)), call, batched, _source(path, side))
+
+
+def _invoke(runner, x_nhwc: np.ndarray) -> Callable[[], np.ndarray]:
+    """One timed LiteRT call on a prepared input: set, invoke, read (what an app does per frame)."""
+
+    def invoke():
+        runner.set_input(x_nhwc)
+        runner.interp.invoke()
+        return runner.get_output()
+
+    return invoke
 
 
 def _tflite_is_int8(runner) -> bool:
