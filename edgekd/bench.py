@@ -428,7 +428,7 @@ def bench(
     by_name = {r.name: r for r in rows}
     rows = _with_deltas(rows, by_name.get(reference))
     focus = _focus(rows, reference)
-    histories = {s.name: _history(s.path) for s in specs if _history(s.path)}
+    histories = {s.name: h for s in specs if (h := _history(s.path))}
     return BenchReport(
         {"name": data.name, "classes": list(data.classes), "test_images": int(len(y))},
         {"threads": threads, "batch": batch, "min_runs": min_runs, "min_seconds": min_seconds, "warmup": warmup},

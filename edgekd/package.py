@@ -394,12 +394,13 @@ def verify(folder: Path, data, report, names: list[str], norm) -> tuple[Check, .
 
     rows = {Path(r.path).name: r for r in report.rows}
     checks = []
-    h, w = TFLiteRunner(folder / "model.tflite").inp["shape"][1:3]
+    runner = TFLiteRunner(folder / "model.tflite")
+    h, w = runner.inp["shape"][1:3]
     x = fit_input(to_unit(data.test_x), 3, (int(h), int(w)))
     x_u8 = np.round(x.numpy() * 255.0).astype(np.uint8)  # the exact pixels both runtimes get, (N, 3, H, W)
     x = x_u8.astype(np.float32) / 255.0
     y = data.test_y.numpy()
-    litert = TFLiteRunner(folder / "model.tflite")(nhwc_array(x)).argmax(1)
+    litert = runner(nhwc_array(x)).argmax(1)
     row = rows.get("model.tflite")
     acc = float((litert == y).mean() * 100.0)
     same = row is not None and row.status == "ok" and abs(row.top1 - acc) < 100.0 / len(y)
