@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/edgekd run
+	$(VENV)/bin/edgekd run --resume
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

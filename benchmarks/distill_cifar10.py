@@ -9,7 +9,7 @@ edgekd runs the same architectures, batch size and epochs through ``edgekd.train
 
 Usage:
     python benchmarks/distill_cifar10.py PHASE [PHASE ...] [--epochs N] [--seeds 0 1 2]
-Phases: seed002 keras edgekd edgekd-seeds edgekd-kd-v2 default-student. Results are merged into
+Phases: seed002 keras edgekd edgekd-seeds edgekd-kd-v2 edgekd-ort edgekd-kd-v3 edgekd-kd default-student. Results are merged into
 benchmarks/results/distill_cifar10.json; `report` renders the Markdown table.
 """
 
@@ -188,31 +188,50 @@ def keras_peer(epochs: int) -> None:
 
 
 def _edgekd_cfg(arch: str, epochs: int, seed: int, teachers=(), lr=1e-3, views=2, temperature=10.0, alpha=0.5,
-                **recipe):
+                fresh_share=0.0, **recipe):
     from edgekd import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 
     return DistillConfig(
         data=DataConfig(dataset=str(DATA), val_fraction=0.1),
         model=ModelConfig(arch=arch),
         recipe=RecipeConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=lr, seed=seed, **recipe),
-        kd=KDConfig(teachers=tuple(teachers), temperature=temperature, alpha=alpha, cache_views=views),
+        kd=KDConfig(teachers=tuple(teachers), temperature=temperature, alpha=alpha, cache_views=views,
+                    fresh_share=fresh_share),
     )
 
 
-def _run(key: str, cfg, out: Path, data) -> dict:
+def _reuse_cache(old: Path, cfg, data, cache_dir: Path) -> None:
+    """A one-teacher cache file of an earlier edgekd version, in today's per-teacher layout."""
+    import torch
+
+    from edgekd.distill import teacher_cache_key
+
+    saved = torch.load(old, weights_only=True)
+    [teacher] = cfg.kd.teachers
+    key = teacher_cache_key(cfg, data, teacher, cfg.recipe.augment_pad, cfg.recipe.augment_flip)
+    cache_dir.mkdir(parents=True)
+    torch.save({"key": key, "params": saved["params"], "logits": saved["logits"]}, cache_dir / f"teacher-{key}.pt")
+
+
+def _run(key: str, cfg, out: Path, data, cache_from: Path | None = None) -> dict:
     import shutil
 
     from edgekd import train
 
-    shutil.rmtree(out, ignore_errors=True)
-    res = train(cfg, out, data=data)
+    # an interrupted run (last.pt, no result.json) is continued; anything else starts afresh
+    resume = (out / "last.pt").exists() and not (out / "result.json").exists()
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
+        if cache_from is not None and (cache_from / "teacher_cache.pt").is_file():  # screening runs only
+            _reuse_cache(cache_from / "teacher_cache.pt", cfg, data, out / "teacher_cache")
+    res = train(cfg, out, data=data, resume=resume)
     value = {"images_per_s": res.images_per_s, "seconds": res.train_s, "teacher_cache_s": res.teacher_cache_s,
              "test_acc": res.test_acc, "best_val_acc": res.best_val_acc, "params": res.params}
     record(key, value)
     return value
 
 
-def edgekd_runs(epochs: int, seeds: list[int], phases: set[str]) -> None:
+def edgekd_runs(epochs: int, seeds: list[int], phases: set[str], kd_args=None) -> None:
     from edgekd.data import load_data
 
     t0 = time.perf_counter()
@@ -245,6 +264,14 @@ def edgekd_runs(epochs: int, seeds: list[int], phases: set[str]) -> None:
             _run(f"edgekd/distill-v3-alpha0.1-views4-T4/{epochs}ep/seed{seed}",
                  _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, views=4, temperature=4.0, alpha=0.1,
                              **aug), RUNS / f"distill-v3-{seed}", data)
+    if "edgekd-kd" in phases:  # any KD recipe on seed 002's pair: --alpha --temperature --views --fresh-share
+        for seed in seeds:
+            name = f"T{kd_args.temperature:g}-alpha{kd_args.alpha:g}-views{kd_args.views}-fresh{kd_args.fresh_share:g}"
+            cache_from = RUNS / f"distill-v2-{seed}" if kd_args.reuse_cache and kd_args.views == 4 else None
+            _run(f"edgekd/distill-{name}{'-cache-reused' if cache_from else ''}/{epochs}ep/seed{seed}",
+                 _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, views=kd_args.views,
+                             temperature=kd_args.temperature, alpha=kd_args.alpha, fresh_share=kd_args.fresh_share, **aug),
+                 RUNS / f"distill-{name}-{seed}", data, cache_from=cache_from)
     if "default-student" in phases:
         from edgekd import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 
@@ -278,8 +305,14 @@ def report() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phases", nargs="+", choices=["seed002", "keras", "edgekd", "edgekd-seeds", "edgekd-kd-v2",
-                                                          "edgekd-ort", "edgekd-kd-v3", "default-student", "report"])
+                                                          "edgekd-ort", "edgekd-kd-v3", "edgekd-kd", "default-student", "report"])
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--alpha", type=float, default=0.5, help="edgekd-kd: weight of the hard-label CE")
+    parser.add_argument("--temperature", type=float, default=4.0, help="edgekd-kd: softening temperature")
+    parser.add_argument("--views", type=int, default=4, help="edgekd-kd: cached teacher views per image")
+    parser.add_argument("--fresh-share", type=float, default=0.0, help="edgekd-kd: share of each batch also shown fresh")
+    parser.add_argument("--reuse-cache", action="store_true",
+                        help="edgekd-kd screening: copy the 4-view cache of the edgekd-kd-v2 run (its time is then not counted)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -292,8 +325,8 @@ def main() -> None:
         seed002(args.epochs)
     if "keras" in phases:
         keras_peer(args.epochs)
-    if phases & {"edgekd", "edgekd-seeds", "edgekd-kd-v2", "edgekd-ort", "edgekd-kd-v3", "default-student"}:
-        edgekd_runs(args.epochs, args.seeds, phases)
+    if phases & {"edgekd", "edgekd-seeds", "edgekd-kd-v2", "edgekd-ort", "edgekd-kd-v3", "edgekd-kd", "default-student"}:
+        edgekd_runs(args.epochs, args.seeds, phases, args)
     if "report" in phases:
         print(report())
 

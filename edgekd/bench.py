@@ -279,6 +279,7 @@ class BenchRow:
     vs_fp32: Delta | None = None
     warnings: tuple[str, ...] = ()
     source: str | None = None
+    init: str | None = None  # torchvision backbones: ImageNet weights or random init, and what trained
 
 
 @dataclass(frozen=True)
@@ -480,8 +481,22 @@ def _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmu
     row = BenchRow(
         spec.name, str(spec.path), spec.role, "ok", None, loaded.format, loaded.runtime, loaded.precision,
         spec.path.stat().st_size, params, macs, acc["top1"], acc["top5"], None, acc["per_class"], acc["confusion"], latency, batch / (batch_stats.p50_ms / 1e3), batch,
-        source=str(loaded.source) if loaded.source else None)
+        source=str(loaded.source) if loaded.source else None, init=_backbone_init(loaded.source or spec.path))
     return row, pred
+
+
+def _backbone_init(ckpt: Path) -> str | None:
+    """How the torchvision backbone of a checkpoint started, from its run's config.json (None otherwise)."""
+    from edgekd.checkpoint import read_json
+
+    model = read_json(Path(ckpt).parent / "config.json").get("model", {}) if Path(ckpt).suffix == ".pt" else {}
+    if not str(model.get("arch", "")).startswith("torchvision:"):
+        return None
+    start = ("ImageNet weights" + (f" from {model['weights_path']}" if model.get("weights_path") else "")
+             if model.get("pretrained") or model.get("weights_path") else "random init (no ImageNet weights)")
+    n = model.get("trainable_layers")
+    trained = f"last {n} layers and the head trained, the rest frozen" if n is not None else "all layers trained"
+    return f"{model['arch']} from {start}; {trained}"
 
 
 _COSTS: dict[str, tuple[int, int]] = {}

@@ -32,6 +32,7 @@ class ModelConfig:
     pretrained: bool = False  # torchvision:* only: ImageNet weights (needs network or weights_path)
     weights_path: str | None = None  # local torchvision state dict for pretrained use without network
     trainable_layers: int | None = None  # torchvision:* only: fine-tune just the last N layers and the head
+    head_hidden: int | None = None  # torchvision:* only: GAP -> Dense(N, ReLU) -> Dropout 0.5 -> classes (seed 000's Keras head); None = torchvision's classifier, new last layer
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class KDConfig:
     alpha: float = 0.5  # weight of the hard-label CE; 1 - alpha goes to the T^2-scaled KL term
     temperature: float = 4.0  # softening temperature T (Hinton et al.; 2-5 is typical for CIFAR)
     cache_views: int = 4  # teacher outputs cached for this many augmented views per image; 0 = teacher on every batch
+    fresh_share: float = 0.0  # with a cache: this share of each batch is also shown as a fresh augmentation, hard-label CE only
     teacher_mean: tuple[float, ...] = (0.0,)  # normalization foreign-format teachers expect on [0, 1] pixels
     teacher_std: tuple[float, ...] = (1.0,)
 

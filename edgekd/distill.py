@@ -230,24 +230,35 @@ def build_teacher_cache(teachers, x_u8, views: int, pad: int, flip: bool, seed: 
     return TeacherCache(params, logits)
 
 
-def _cache_key(cfg: DistillConfig, data: ImageData, pad: int, flip: bool) -> str:
+def teacher_cache_key(cfg: DistillConfig, data: ImageData, teacher: str, pad: int, flip: bool) -> str:
+    """What one teacher's cached outputs depend on: the data, the teacher file, the views and their seed."""
     h = hashlib.sha256()
     h.update(data.fingerprint().encode())
-    for path in cfg.kd.teachers:
-        st = Path(path).stat()
-        h.update(f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    st = Path(teacher).stat()
+    h.update(f"{Path(teacher).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(json.dumps([cfg.kd.cache_views, pad, flip, cfg.recipe.seed, cfg.kd.teacher_mean, cfg.kd.teacher_std]).encode())
     return h.hexdigest()[:16]
 
 
-def _load_or_build_cache(path: Path, key: str, teachers, data, views, pad, flip, seed, rt, on_step):
-    """Rank 0 reuses a cache with the same key or builds and saves one; other ranks read it after."""
-    cache = _read_cache(path, key) if rt.main else None
-    if rt.main and cache is None:
-        cache = build_teacher_cache(teachers, data.train_x, views, pad, flip, seed, on_step=on_step)
-        atomic_write_bytes(path, lambda tmp: torch.save({"key": key, "params": cache.params, "logits": cache.logits}, tmp))
+def _load_or_build_cache(cache_dir: Path, keys: list[str], teachers, data, views, pad, flip, seed, rt, on_step):
+    """One file per teacher (``teacher-KEY.pt``), so students of a pipeline that share a teacher
+    share its outputs: rank 0 reads those made with the same key and builds the others; other
+    ranks read them after."""
+    paths = [cache_dir / f"teacher-{k}.pt" for k in keys]
+    if rt.main:
+        saved = {p: _read_cache(p, k) for p, k in zip(paths, keys)}
+        todo = list(dict.fromkeys(p for p in paths if saved[p] is None))  # a teacher given twice is built once
+        if todo:
+            built = build_teacher_cache([teachers[paths.index(p)] for p in todo], data.train_x, views, pad, flip, seed,
+                                        on_step=on_step)
+            for j, p in enumerate(todo):
+                one = TeacherCache(built.params, built.logits[j:j + 1])
+                key = keys[paths.index(p)]
+                atomic_write_bytes(p, lambda tmp: torch.save({"key": key, "params": one.params, "logits": one.logits}, tmp))
+                saved[p] = one
     _barrier(rt)
-    return cache if cache is not None else _read_cache(path, key)
+    parts = [saved[p] for p in paths] if rt.main else [_read_cache(p, k) for p, k in zip(paths, keys)]
+    return TeacherCache(parts[0].params, torch.cat([c.logits for c in parts]))
 
 
 def _read_cache(path: Path, key: str) -> TeacherCache | None:
@@ -266,11 +277,13 @@ def _read_cache(path: Path, key: str) -> TeacherCache | None:
 
 
 def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
-          data: ImageData | None = None, on_step: OnStep | None = None) -> TrainResult:
+          data: ImageData | None = None, on_step: OnStep | None = None,
+          cache_dir: str | Path | None = None) -> TrainResult:
     """Train ``cfg.model.arch`` on ``cfg.data``, distilling from ``cfg.kd.teachers`` if any.
 
     Writes ``best.pt``, ``last.pt``, ``config.json``, ``history.json``/``.csv`` and
-    ``result.json`` to ``out_dir``. ``resume=True`` continues from ``last.pt``.
+    ``result.json`` to ``out_dir``. ``resume=True`` continues from ``last.pt``. Cached teacher
+    outputs go to ``cache_dir`` (default ``out_dir/teacher_cache``), one file per teacher.
 
     Example:
         >>> from edgekd.config import DistillConfig, RecipeConfig
@@ -311,7 +324,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     cache = None
     if teachers and kd.cache_views > 0:
         views = kd.cache_views if (pad or flip) else 1
-        cache = _load_or_build_cache(out / "teacher_cache.pt", _cache_key(cfg, data, pad, flip), teachers, data,
+        keys = [teacher_cache_key(cfg, data, t, pad, flip) for t in kd.teachers]
+        cache = _load_or_build_cache(Path(cache_dir) if cache_dir else out / "teacher_cache", keys, teachers, data,
                                      views, pad, flip, r.seed, rt, on_step)
     cache_s = time.perf_counter() - cache_t0
 
@@ -380,6 +394,8 @@ def _validate(cfg: DistillConfig) -> None:
         raise EdgeKDError("epochs, batch size and learning rate must be positive")
     if not 0.0 <= kd.alpha <= 1.0 or kd.temperature <= 0:
         raise EdgeKDError("alpha must lie in [0, 1] and temperature must be positive")
+    if not 0.0 <= kd.fresh_share <= 1.0:
+        raise EdgeKDError(f"fresh_share must lie in [0, 1], got {kd.fresh_share}")
     if kd.teacher_weights and len(kd.teacher_weights) != len(kd.teachers):
         raise EdgeKDError(f"{len(kd.teacher_weights)} teacher weights for {len(kd.teachers)} teachers; give one per teacher")
     if kd.teacher_weights and (min(kd.teacher_weights) < 0 or sum(kd.teacher_weights) <= 0):
@@ -391,14 +407,15 @@ def _build(cfg: DistillConfig, data: ImageData):
     size = (m.input_size, m.input_size) if m.input_size else data.image_size
     torchvision_arch = m.arch.startswith("torchvision:")
     channels = 3 if torchvision_arch else data.channels
-    kwargs = {"pretrained": m.pretrained, "weights_path": m.weights_path, "trainable_layers": m.trainable_layers}
+    kwargs = {"pretrained": m.pretrained, "weights_path": m.weights_path, "trainable_layers": m.trainable_layers,
+              "head_hidden": m.head_hidden}
     kwargs = {k: v for k, v in kwargs.items() if v}
     model = build_model(m.arch, data.num_classes, channels, size, **kwargs)
     imagenet = torchvision_arch and (m.pretrained or m.weights_path)
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if imagenet else (data.mean, data.std)
     if len(mean) != channels:  # 1-channel data statistics fed to a 3-channel model
         mean, std = tuple(mean) * channels, tuple(std) * channels
-    meta = {"arch": m.arch, "arch_kwargs": {k: v for k, v in kwargs.items() if k == "trainable_layers"},
+    meta = {"arch": m.arch, "arch_kwargs": {k: v for k, v in kwargs.items() if k in ("trainable_layers", "head_hidden")},
             "classes": list(data.classes), "in_channels": channels, "input_size": list(size),
             "mean": list(mean), "std": list(std)}
     return model, meta
@@ -452,10 +469,16 @@ def _train_epoch(model, data, spec, optimizer, scheduler, scaler, use_amp, rt, e
         x_unit = to_unit(apply_augment(x_u8, params, pad))
         if teachers and cache is None:
             t_logits = torch.stack([t(x_unit) for t in teachers]).to(rt.device)
+        n_fresh = round(len(idx) * kd.fresh_share) if cache is not None and (pad or flip) else 0
+        if n_fresh:  # the same images again, freshly augmented, in the same forward pass
+            x_unit = torch.cat([x_unit, to_unit(apply_augment(x_u8[:n_fresh], fresh[idx[:n_fresh]], pad))])
         with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):
             logits = model(spec(x_unit))
+        logits, fresh_logits = logits[:len(idx)], logits[len(idx):]
         loss = losses.distillation_loss(logits, y, t_logits, alpha=kd.alpha, temperature=kd.temperature,
                                         weights=weights, label_smoothing=r.label_smoothing)
+        if n_fresh:
+            loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], r.label_smoothing)
         if not torch.isfinite(loss):
             raise EdgeKDError(f"loss became {float(loss.detach())} at epoch {epoch}, step {step + 1}; lower the learning rate (--lr)")
         optimizer.zero_grad(set_to_none=True)

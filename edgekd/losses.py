@@ -66,3 +66,18 @@ def distillation_loss(
         return ce
     kd = kd_kl(student_logits, soft_teacher_log_probs(teacher_logits, temperature, weights), temperature)
     return alpha * ce + (1.0 - alpha) * kd
+
+
+def with_fresh_views(view_loss: torch.Tensor, n_views: int, fresh_logits: torch.Tensor, fresh_labels: torch.Tensor,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-image mean over a batch of ``n_views`` cached-view images (mean loss ``view_loss``)
+    and ``len(fresh_labels)`` fresh augmentations trained on their labels alone.
+
+    A teacher cache holds a few fixed augmented views per image, fewer than a scratch run sees;
+    the fresh images give the student the scratch run's augmentation diversity on the labels,
+    while the cached views carry the teacher's soft targets.
+    """
+    if len(fresh_labels) == 0:
+        return view_loss
+    ce = F.cross_entropy(fresh_logits.float(), fresh_labels, label_smoothing=label_smoothing, reduction="sum")
+    return (view_loss * n_views + ce) / (n_views + len(fresh_labels))

@@ -165,16 +165,21 @@ class PipelineResult:
     bundle: object | None = None  # edgekd.package.PackageResult, when package.enabled
 
 
-def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable[[str], None] | None = None,
-                 on_step=None) -> PipelineResult:
-    """Train or load the teachers, then the student runs, then export and quantize the best student.
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = False,
+                 on_stage: Callable[[str], None] | None = None, on_step=None) -> PipelineResult:
+    """Train or load the teachers, then the student runs, then export, quantize, bench and package.
 
-    Completed runs with the same config are skipped, interrupted ones resumed.
+    ``out_dir`` must be new or empty unless ``resume``: then completed stages whose config is
+    unchanged are skipped, an interrupted training continues from its last epoch, and the
+    rest is redone.
     """
     from edgekd.data import load_data
     from edgekd.distill import train
 
     out = Path(out_dir)
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise EdgeKDError(f"{out} already holds a run; pass --resume to continue it (finished stages are skipped) "
+                          "or choose another --out")
     d = cfg.data
     data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
                      test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)
@@ -197,7 +202,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, on_stage: Callable
         if name == "kd_all" and len(files) < 2:
             continue
         run_cfg = DistillConfig(data=cfg.data, model=cfg.student, recipe=cfg.student_recipe, kd=kd)
-        rows.append(_run_one(train, run_cfg, out / "students" / name, name, "student", data, on_stage, on_step))
+        rows.append(_run_one(train, run_cfg, out / "students" / name, name, "student", data, on_stage, on_step,
+                             cache_dir=out / "teacher_cache"))  # students share each teacher's outputs
     from edgekd.checkpoint import atomic_write_json
 
     deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
@@ -285,7 +291,7 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
     return {"student": best.name, **result_dict(result)}
 
 
-def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step) -> RunRow:
+def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step, cache_dir=None) -> RunRow:
     result_file, config_file = run_dir / "result.json", run_dir / "config.json"
     wanted = json.loads(json.dumps(run_cfg.to_dict()))  # tuples become lists, as in the saved file
     done = result_file.is_file() and config_file.is_file() and json.loads(config_file.read_text()) == wanted
@@ -299,5 +305,5 @@ def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step)
         resume = (run_dir / "last.pt").is_file()
         if resume and json.loads(config_file.read_text()) != wanted:
             raise EdgeKDError(f"{run_dir} holds a run with another config; remove it or use a new --out")
-        res = train(run_cfg, run_dir, resume=resume, data=data, on_step=on_step).summary()
+        res = train(run_cfg, run_dir, resume=resume, data=data, on_step=on_step, cache_dir=cache_dir).summary()
     return RunRow(name, role, res["arch"], res["params"], res["best_val_acc"], res["test_acc"], res["train_s"], str(run_dir))

@@ -122,6 +122,7 @@ def bench_markdown(report) -> str:
              "| " + " | ".join(BENCH_COLUMNS) + " |", "|" + "---|" * len(BENCH_COLUMNS)]
     lines += ["| " + " | ".join(bench_cells(r)) + " |" for r in report.rows]
     notes = [f"- failed: {r.name}: {r.error}" for r in report.failed] + [f"- warning: {w}" for r in report.rows for w in r.warnings]
+    notes += [f"- {r.name}: {r.init}" for r in report.rows if r.init]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -258,6 +259,7 @@ def bench_html(report, plots: dict[str, Path]) -> str:
                    for r in report.rows)
     notes = "".join(f"<li class='failed'>failed: {esc(r.name)}: {esc(r.error or '')}</li>" for r in report.failed)
     notes += "".join(f"<li>warning: {esc(w)}</li>" for r in report.rows for w in r.warnings)
+    notes += "".join(f"<li>{esc(r.name)}: {esc(r.init)}</li>" for r in report.rows if r.init)
     titles = {"accuracy": "Accuracy of every variant", "tradeoff": "Size, latency and accuracy",
               "confusion": "Confusion matrices: teacher, student, difference", "per_class": "Per-class accuracy",
               "curves": "Training curves"}

@@ -43,7 +43,10 @@ def build_model(
         return _torchvision_model(arch[len(TORCHVISION_PREFIX):], num_classes, **kwargs)
     if kwargs.get("pretrained") or kwargs.get("weights_path"):
         raise EdgeKDError(f"pretrained weights are only available for torchvision:* architectures, not {arch!r}")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "weights_path", "trainable_layers") or v}
+    if kwargs.get("head_hidden"):
+        raise EdgeKDError(f"head_hidden applies to torchvision:* architectures only, not {arch!r}")
+    kwargs = {k: v for k, v in kwargs.items()
+              if k not in ("pretrained", "weights_path", "trainable_layers", "head_hidden") or v}
     return ARCHS.get(arch)(num_classes=num_classes, in_channels=in_channels, input_size=tuple(input_size), **kwargs)
 
 
@@ -233,7 +236,8 @@ def resnet_m(num_classes, in_channels, input_size):
 # torchvision backbones with a new head.
 
 
-def _torchvision_model(name, num_classes, pretrained=False, weights_path=None, trainable_layers=None, **_):
+def _torchvision_model(name, num_classes, pretrained=False, weights_path=None, trainable_layers=None,
+                       head_hidden=None, **_):
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
@@ -251,29 +255,56 @@ def _torchvision_model(name, num_classes, pretrained=False, weights_path=None, t
     if weights_path:
         state = _load_weights_only(Path(weights_path))
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    _replace_head(model, num_classes)
+    head = _pooled_mlp_head(model, name, num_classes, head_hidden) if head_hidden else _replace_head(model, num_classes)
     if trainable_layers is not None:
-        _freeze_all_but_last(model, trainable_layers)
+        _freeze_all_but_last(model, trainable_layers, head)
     return model
 
 
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the last Linear layer (``fc``, ``classifier[-1]``, ``heads.head``) for a new one."""
+def _replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swap the last Linear layer (``fc``, ``classifier[-1]``, ``heads.head``) for a new one; returns it."""
     last_name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     parent_name, _, attr = last_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, attr)
     setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    return getattr(parent, attr)
 
 
-def _freeze_all_but_last(model: nn.Module, n: int) -> None:
+def _pooled_mlp_head(model: nn.Module, name: str, num_classes: int, hidden: int) -> nn.Module:
+    """Replace the whole classifier by global average pooling, Dense(hidden, ReLU), Dropout(0.5) and
+    the class layer: the head Keras transfer-learning notebooks put on an ``include_top=False``
+    backbone (seed 000: 256 units). VGG's 7x7 pooling becomes global pooling, so VGG16 keeps 14.8M
+    parameters instead of 134M. Returns the new head."""
+    attr = next((a for a in ("fc", "classifier", "heads") if isinstance(getattr(model, a, None), nn.Module)), None)
+    if attr is None:
+        raise EdgeKDError(f"torchvision:{name} has no fc/classifier/heads module; drop head_hidden for it")
+    if isinstance(getattr(model, "avgpool", None), nn.AdaptiveAvgPool2d):
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+    setattr(model, attr, nn.Identity())
+    try:
+        with torch.no_grad():
+            features = model.eval()(torch.zeros(1, 3, 64, 64)).shape[-1]
+    except RuntimeError as exc:
+        raise EdgeKDError(f"head_hidden is not supported for torchvision:{name} ({exc})") from None
+    head = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(hidden, num_classes))
+    setattr(model, attr, head)
+    model.train()
+    return head
+
+
+def _freeze_all_but_last(model: nn.Module, n: int, head: nn.Module) -> None:
     """Fine-tune only the last ``n`` parameterised layers of the backbone plus the new head."""
-    layers = [m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters(False))]
+    in_head = {id(p) for p in head.parameters()}
+    layers = [m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters(False))
+              and not any(id(p) in in_head for p in m.parameters(False))]
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in layers[-(n + 1):]:  # +1: the new head always trains
+    for m in layers[-n:] if n > 0 else []:
         for p in m.parameters():
             p.requires_grad_(True)
+    for p in head.parameters():
+        p.requires_grad_(True)
 
 
 def _load_weights_only(path: Path):

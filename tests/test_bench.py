@@ -191,3 +191,16 @@ def test_bench_run_of_an_image_folder(folder_run, tmp_path):
     assert not rep.failed, [r.error for r in rep.failed]
     assert len(rep.rows) == 5 and rep.data["classes"] == ["class_0", "class_1", "class_2"]
     assert all(r.top5 is None for r in rep.rows)  # 3 classes: no top-5
+
+
+def test_bench_states_how_a_torchvision_backbone_started(tmp_path):
+    from edgekd.bench import _backbone_init
+
+    model = {"arch": "torchvision:vgg16", "pretrained": False, "weights_path": None, "trainable_layers": 2}
+    (tmp_path / "config.json").write_text(json.dumps({"model": model}))
+    assert _backbone_init(tmp_path / "best.pt") == (
+        "torchvision:vgg16 from random init (no ImageNet weights); last 2 layers and the head trained, the rest frozen")
+    (tmp_path / "config.json").write_text(json.dumps({"model": {**model, "pretrained": True, "trainable_layers": None}}))
+    assert _backbone_init(tmp_path / "best.pt") == "torchvision:vgg16 from ImageNet weights; all layers trained"
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"arch": "seed002_student"}}))
+    assert _backbone_init(tmp_path / "best.pt") is None and _backbone_init(tmp_path / "m.onnx") is None

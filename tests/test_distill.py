@@ -25,18 +25,20 @@ def test_student_beats_chance_after_one_epoch(synth, tmp_path):
     assert ckpt["classes"] == list(synth.classes) and ckpt["input_size"] == [16, 16] and len(ckpt["mean"]) == 3
 
 
-@pytest.mark.parametrize("cache_views", [0, 2])
-def test_distillation_from_two_teachers(synth, teacher_run, tmp_path, cache_views):
+@pytest.mark.parametrize("cache_views, fresh_share", [(0, 0.0), (2, 0.0), (2, 1.0)])
+def test_distillation_from_two_teachers(synth, teacher_run, tmp_path, cache_views, fresh_share):
     teacher = str(teacher_run.out_dir / "best.pt")
     cfg = DistillConfig(model=ModelConfig(arch="seed002_student"),
                         recipe=RecipeConfig(epochs=2, optimizer="adam", lr=3e-3, augment_pad=1, augment_flip=True, batch_size=32),
-                        kd=KDConfig(teachers=(teacher, teacher), teacher_weights=(1.0, 2.0), cache_views=cache_views))
+                        kd=KDConfig(teachers=(teacher, teacher), teacher_weights=(1.0, 2.0), cache_views=cache_views,
+                                    fresh_share=fresh_share))
     result = train(cfg, tmp_path, data=synth)
     assert len(result.teachers) == 2 and result.test_acc > 50
-    assert (tmp_path / "teacher_cache.pt").exists() == (cache_views > 0)
+    files = sorted((tmp_path / "teacher_cache").glob("teacher-*.pt"))
+    assert len(files) == (1 if cache_views else 0)  # the teacher given twice is cached once
     if cache_views:
-        cache = torch.load(tmp_path / "teacher_cache.pt", weights_only=True)
-        assert cache["logits"].shape == (2, 2, len(synth.train_x), 4)  # (teachers, views, images, classes)
+        cache = torch.load(files[0], weights_only=True)
+        assert cache["logits"].shape == (1, 2, len(synth.train_x), 4)  # (teachers, views, images, classes)
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(synth, tmp_path):
@@ -78,6 +80,7 @@ def test_nan_loss_stops_with_a_clear_error(synth, tmp_path):
     (dict(optimizer="lion"), {}, "unknown optimizer"),
     (dict(epochs=0), {}, "must be positive"),
     ({}, dict(alpha=2.0), "alpha"),
+    ({}, dict(fresh_share=1.5), "fresh_share must lie in"),
     ({}, dict(teachers=("a.pt",), teacher_weights=(1.0, 2.0)), "one per teacher"),
 ])
 def test_bad_settings_fail_before_training(synth, tmp_path, recipe, kd, message):

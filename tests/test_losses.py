@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from edgekd.losses import distillation_loss, kd_kl, soft_teacher_log_probs
+from edgekd.losses import distillation_loss, kd_kl, soft_teacher_log_probs, with_fresh_views
 
 
 def test_kd_is_zero_for_equal_logits():
@@ -56,3 +56,14 @@ def test_gradient_flows_only_to_student():
     t = torch.randn(4, 3, requires_grad=True)
     distillation_loss(s, torch.tensor([0, 1, 2, 0]), t.detach(), alpha=0.5, temperature=2.0).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_fresh_views_join_the_per_image_mean():
+    torch.manual_seed(1)
+    z, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    zf, yf = torch.randn(2, 5), y[:2]
+    view = distillation_loss(z, y, t, alpha=0.3, temperature=2.0)
+    per_image = [distillation_loss(z[i:i + 1], y[i:i + 1], t[i:i + 1], alpha=0.3, temperature=2.0) for i in range(6)]
+    per_image += [F.cross_entropy(zf[i:i + 1], yf[i:i + 1]) for i in range(2)]
+    assert torch.allclose(with_fresh_views(view, 6, zf, yf), torch.stack(per_image).mean(), atol=1e-6)
+    assert with_fresh_views(view, 6, zf[:0], yf[:0]) is view

@@ -68,8 +68,11 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
     assert [r.name for r in result.rows] == ["t1", "t2", "scratch", "kd_best", "kd_all"]
     [onnx] = result.deployed["models"]
     assert onnx["format"] == "onnx" and onnx["quantized_ops"] > 0 and (tmp_path / "deploy" / "model_int8.onnx").is_file()
+    assert len(list((tmp_path / "teacher_cache").glob("teacher-*.pt"))) == 2  # kd_best reuses kd_all's teacher outputs
+    with pytest.raises(EdgeKDError, match="already holds a run; pass --resume"):
+        run_pipeline(cfg, tmp_path)
     stages = []
-    again = run_pipeline(cfg, tmp_path, on_stage=stages.append)
+    again = run_pipeline(cfg, tmp_path, resume=True, on_stage=stages.append)
     work = [s for s in stages if not s.startswith("bench")]
     assert len(work) == 6 and all("skipped" in s for s in work) and again.rows == result.rows
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "bench" / "report.html").is_file()
@@ -82,7 +85,7 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
     # a run killed during kd_all's training: its result.json was never written, last.pt was
     (tmp_path / "students" / "kd_all" / "result.json").unlink()
     stages = []
-    run_pipeline(cfg, tmp_path, on_stage=stages.append)
+    run_pipeline(cfg, tmp_path, resume=True, on_stage=stages.append)
     assert [s for s in stages if "kd_all" in s] == ["student kd_all: training seed003_student"]
     assert sum("skipped" in s for s in stages) == 5  # the other 4 runs and the deploy step
 

@@ -39,6 +39,28 @@ def test_torchvision_head_and_trainable_layers():
     assert list_architectures("seed00?_student") == ["seed001_student", "seed002_student", "seed003_student", "seed004_student"]
 
 
+def test_keras_style_head_matches_seed000_teachers(tmp_path):
+    # seed 000: include_top=False backbone, GAP, Dense(256, relu), Dropout(0.5), Dense(10); Keras
+    # counts VGG16 at 14,714,688 + 131,328 + 2,570 parameters
+    vgg = build_model("torchvision:vgg16", 10, 3, (48, 48), trainable_layers=2, head_hidden=256)
+    assert count_params(vgg) == 14_714_688 + 131_328 + 2_570
+    assert vgg(torch.zeros(2, 3, 48, 48)).shape == (2, 10)
+    trainable = {n.rsplit(".", 1)[0] for n, p in vgg.named_parameters() if p.requires_grad}
+    assert trainable == {"features.26", "features.28", "classifier.0", "classifier.3"}  # block5_conv2/3 + head
+    with pytest.raises(EdgeKDError, match="torchvision:\\* architectures only"):
+        build_model("seed002_student", 10, 3, (32, 32), head_hidden=256)
+    # the head travels with the checkpoint
+    from edgekd.checkpoint import load_model, save_checkpoint
+
+    mnv2 = build_model("torchvision:mobilenet_v2", 10, 3, (48, 48), head_hidden=64)
+    meta = {"arch": "torchvision:mobilenet_v2", "arch_kwargs": {"head_hidden": 64}, "classes": [str(i) for i in range(10)],
+            "in_channels": 3, "input_size": [48, 48], "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_checkpoint(tmp_path / "m.pt", mnv2, meta, epoch=1, val_acc=0.0)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x = torch.rand(1, 3, 48, 48)
+    assert torch.allclose(loaded(x), mnv2.eval()(x))
+
+
 def test_layout_guessing():
     assert guess_layout([None, 3, 32, 32]) == ("NCHW", (32, 32), 3)
     assert guess_layout([1, 28, 28, 1]) == ("NHWC", (28, 28), 1)

@@ -16,15 +16,17 @@ from edgekd.cli.common import AsJson, _Bars, _guarded, _progress, app, err
 @app.command("run")
 def run_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="Pipeline TOML; the embedded default (digits) when omitted")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Run directory; rerunning skips finished models and resumes the rest")] = Path("runs/default"),
+    out: Annotated[Path, typer.Option("--out", help="Run directory (new or empty unless --resume)")] = Path("runs/default"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out: skip finished stages whose config is unchanged, resume an interrupted training from its last epoch")] = False,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Override one config key, e.g. --set student_recipe.epochs=3 (repeatable)")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Run the whole experiment from one config: teachers, scratch student, KD from the best teacher and from all, int8 ONNX/TFLite of the best student, a benchmark report and an app bundle.
 
-    Interrupted runs (even a killed process) continue where they stopped when the same command is run again: finished models are skipped, an interrupted one resumes from its last epoch. Writes <out>/bench/report.html, <out>/bundle/ and <out>/manifest.json.
+    An interrupted run (even a killed process) continues where it stopped when the same command is run again with --resume: finished models are skipped, an interrupted one resumes from its last epoch. Writes <out>/bench/report.html, <out>/bundle/ and <out>/manifest.json.
 
     Example: edgekd run    (the embedded default: digits, about 1.5 minutes)
+    Example: edgekd run --resume    (after an interruption, or to redo only what a config change touched)
     Example: edgekd run configs/seed002_cifar10.toml --out runs/seed002 --set student_recipe.epochs=3
     """
     from edgekd.pipeline import load_pipeline_config, run_pipeline
@@ -38,7 +40,7 @@ def run_cmd(
             bars.reset()
             progress.console.print(f"[bold]{msg}[/]")
 
-        result = _guarded(lambda: run_pipeline(cfg, out, on_stage=stage, on_step=bars))
+        result = _guarded(lambda: run_pipeline(cfg, out, resume=resume, on_stage=stage, on_step=bars))
     err.print(pipeline_table(result.rows))
     if result.deployed:
         err.print(deploy_table(result.deployed))
