@@ -123,7 +123,26 @@ def bench_markdown(report) -> str:
     lines += ["| " + " | ".join(bench_cells(r)) + " |" for r in report.rows]
     notes = [f"- failed: {r.name}: {r.error}" for r in report.failed] + [f"- warning: {w}" for r in report.rows for w in r.warnings]
     notes += [f"- {r.name}: {r.init}" for r in report.rows if r.init]
+    gaps = training_gaps(report)
+    if gaps:
+        lines += ["", "Training (train accuracy is measured on augmented batches during the epoch):", "",
+                  "| " + " | ".join(GAP_COLUMNS) + " |", "|" + "---|" * len(GAP_COLUMNS)]
+        lines += ["| " + " | ".join(g) + " |" for g in gaps]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+GAP_COLUMNS = ("model", "epochs", "best epoch", "train acc", "val acc", "gap (train - val)")
+
+
+def training_gaps(report) -> list[tuple[str, ...]]:
+    """Per trained model, at its best-validation epoch: train and validation accuracy and their gap
+    (seed 001's over-fitting check; a large positive gap means the model memorises its training set)."""
+    rows = []
+    for name, hist in report.histories.items():
+        best = max(hist, key=lambda h: h["val_acc"])
+        rows.append((name, str(len(hist)), str(best["epoch"]), f"{best['train_acc']:.2f}%", f"{best['val_acc']:.2f}%",
+                     f"{best['train_acc'] - best['val_acc']:+.2f} pts"))
+    return rows
 
 
 def plot_series(report) -> dict:
@@ -269,6 +288,12 @@ def bench_html(report, plots: dict[str, Path]) -> str:
             data = base64.b64encode(Path(plots[key]).read_bytes()).decode()
             figures += (f"<section id='{key}'><h2>{titles[key]}</h2>"
                         f"<img alt='{key}' src='data:image/png;base64,{data}'></section>")
+    gaps = training_gaps(report)
+    if gaps:
+        figures += ("<section id='gap'><h2>Train-validation gap at the best epoch</h2><table><tr>"
+                    + "".join(f"<th>{esc(c)}</th>" for c in GAP_COLUMNS) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in g) + "</tr>" for g in gaps)
+                    + "</table></section>")
     s = report.settings
     summary = (f"{esc(report.data['name'])} test split, {report.data['test_images']:,} images, "
                f"{len(report.data['classes'])} classes; reference teacher: {esc(report.teacher or 'none')}; "

@@ -150,7 +150,15 @@ def test_report_files_and_html_sections(digits_bench, tmp_path):
     assert html.count("data:image/png;base64,") == len(pngs)
     assert "src='http" not in html and "<script" not in html  # self-contained, readable offline
     md = bench_markdown(digits_bench)
-    assert md.count("\n| ") == len(digits_bench.rows) + 1 and "failed: " in md
+    table, _, training = md.partition("\nTraining (")
+    assert table.count("\n| ") == len(digits_bench.rows) + 1 and "failed: " in md
+    # the train-validation gap of every trained model, at its best epoch
+    assert digits_bench.histories and training.count("\n| ") == len(digits_bench.histories) + 1
+    for name, hist in digits_bench.histories.items():
+        best = max(hist, key=lambda h: h["val_acc"])
+        assert f"| {name} | {len(hist)} | {best['epoch']} |" in training
+        assert f"{best['train_acc'] - best['val_acc']:+.2f} pts" in training
+    assert "id='gap'" in html
     saved = json.loads(files["json"].read_text())
     assert [m["name"] for m in saved["models"]] == [r.name for r in digits_bench.rows]
     assert {"accuracy", "tradeoff", "confusion", "per_class"} <= set(pngs)
