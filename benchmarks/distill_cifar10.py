@@ -267,7 +267,8 @@ def edgekd_runs(epochs: int, seeds: list[int], phases: set[str], kd_args=None) -
     if "edgekd-kd" in phases:  # any KD recipe on seed 002's pair: --alpha --temperature --views --fresh-share
         for seed in seeds:
             name = f"T{kd_args.temperature:g}-alpha{kd_args.alpha:g}-views{kd_args.views}-fresh{kd_args.fresh_share:g}"
-            cache_from = RUNS / f"distill-v2-{seed}" if kd_args.reuse_cache and kd_args.views == 4 else None
+            earlier = {4: RUNS / f"distill-v2-{seed}", 2: RUNS / f"distill-ort-{seed}"}  # caches of earlier phases
+            cache_from = earlier.get(kd_args.views) if kd_args.reuse_cache else None
             _run(f"edgekd/distill-{name}{'-cache-reused' if cache_from else ''}/{epochs}ep/seed{seed}",
                  _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, views=kd_args.views,
                              temperature=kd_args.temperature, alpha=kd_args.alpha, fresh_share=kd_args.fresh_share, **aug),
@@ -278,7 +279,8 @@ def edgekd_runs(epochs: int, seeds: list[int], phases: set[str], kd_args=None) -
         for seed in seeds[:1]:
             cfg = DistillConfig(data=DataConfig(dataset=str(DATA), val_fraction=0.1), model=ModelConfig(arch="edge_resnet_s"),
                                 recipe=RecipeConfig(epochs=epochs, batch_size=256, lr=0.2, seed=seed),
-                                kd=KDConfig(teachers=(teacher,), temperature=4.0, alpha=0.5, cache_views=2))
+                                kd=KDConfig(teachers=(teacher,), temperature=4.0, alpha=0.5, cache_views=2,
+                                            fresh_share=0.0))  # as measured, before fresh_share existed
             _run(f"edgekd/default-student-kd/{epochs}ep/seed{seed}", cfg, RUNS / f"default-kd-{seed}", data)
 
 
@@ -312,7 +314,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4, help="edgekd-kd: cached teacher views per image")
     parser.add_argument("--fresh-share", type=float, default=0.0, help="edgekd-kd: share of each batch also shown fresh")
     parser.add_argument("--reuse-cache", action="store_true",
-                        help="edgekd-kd screening: copy the 4-view cache of the edgekd-kd-v2 run (its time is then not counted)")
+                        help="edgekd-kd screening: copy the cache of the edgekd-kd-v2 (4 views) or edgekd-ort (2 views) run; its time is then not counted")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     if not DATA.is_dir():

@@ -22,11 +22,14 @@ def tables(name: str) -> str:
               if ln.startswith(f"{name}:")]
     out = [f"### {name}", "", f"Command and wall-clock time: `{timing[0].split(': ', 2)[2]}` ({timing[0].split(': ')[1]})"
            if timing else "", "",
-           "| model | role | arch | params | epochs | best val | test top-1 | train time |", "|---|---|---|---:|---:|---:|---:|---:|"]
+           "| model | role | arch | params | epochs | best val | train acc at best val (gap) | test top-1 | train time |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for m in sorted(summary["models"], key=lambda m: -m["test_acc"]):
         cfg = json.loads((Path(m["out_dir"]) / "config.json").read_text())
+        best = max(json.loads((Path(m["out_dir"]) / "history.json").read_text()), key=lambda h: h["val_acc"])
         out.append(f"| {m['name']} | {m['role']} | {m['arch']} | {m['params']:,} | {cfg['recipe']['epochs']} | "
-                   f"{m['val_acc']:.2f}% | {m['test_acc']:.2f}% | {m['train_s']:.0f} s |")
+                   f"{m['val_acc']:.2f}% | {best['train_acc']:.2f}% ({best['train_acc'] - best['val_acc']:+.2f}) | "
+                   f"{m['test_acc']:.2f}% | {m['train_s']:.0f} s |")
     t = bench["teacher"]
     out += ["", f"Every model and file on the {bench['data']['test_images']:,} test images through its own runtime; "
             f"latency batch 1, {bench['settings']['threads']} thread; reference teacher {t}:", "",
@@ -38,6 +41,8 @@ def tables(name: str) -> str:
         out.append(f"| {m['name']} | {m['format']} {m['precision']} | {m['size_bytes'] / 1024:,.1f} KiB | {m['top1']:.2f}% | "
                    f"{m['agreement']:.1f}% | {m['latency']['p50_ms']:.3f} | "
                    + (f"{d['size_reduction_pct']:.1f}% | {d['compression']:.2f}x | {d['speedup']:.1f}x |" if d else "- | - | - |"))
+    inits = [f"- {m['name']}: {m['init']}" for m in bench["models"] if m.get("init")]
+    out += ["", *inits] if inits else []
     bundle = json.loads((run / "bundle" / "model.json").read_text()) if (run / "bundle" / "model.json").is_file() else None
     if bundle:
         checks = ", ".join(f"{c['check']} {'ok' if c['ok'] else 'FAILED'}" for c in bundle["verification"])
