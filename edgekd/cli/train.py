@@ -100,6 +100,7 @@ def distill_cmd(
 
     Loss: alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(mean_i softmax(teacher_i / T) || softmax(student / T)).
     Teachers that output probabilities (Keras models ending in softmax) are detected and handled.
+    Teacher outputs are cached for --cache-views augmented views per image; with --fresh-share 1 (the default) every image is also shown freshly augmented with the label loss alone, so the student keeps a scratch run's augmentation diversity.
 
     Example: edgekd distill -t runs/train-resnet_m/best.pt --student resnet8 --data digits
     """
