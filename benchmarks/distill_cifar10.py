@@ -222,7 +222,7 @@ def _run(key: str, cfg, out: Path, data, cache_from: Path | None = None) -> dict
     resume = (out / "last.pt").exists() and not (out / "result.json").exists()
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
-        if cache_from is not None and (cache_from / "teacher_cache.pt").is_file():  # screening runs only
+        if cache_from is not None:  # screening runs only
             _reuse_cache(cache_from / "teacher_cache.pt", cfg, data, out / "teacher_cache")
     res = train(cfg, out, data=data, resume=resume)
     value = {"images_per_s": res.images_per_s, "seconds": res.train_s, "teacher_cache_s": res.teacher_cache_s,
@@ -269,6 +269,7 @@ def edgekd_runs(epochs: int, seeds: list[int], phases: set[str], kd_args=None) -
             name = f"T{kd_args.temperature:g}-alpha{kd_args.alpha:g}-views{kd_args.views}-fresh{kd_args.fresh_share:g}"
             earlier = {4: RUNS / f"distill-v2-{seed}", 2: RUNS / f"distill-ort-{seed}"}  # caches of earlier phases
             cache_from = earlier.get(kd_args.views) if kd_args.reuse_cache else None
+            cache_from = cache_from if cache_from and (cache_from / "teacher_cache.pt").is_file() else None
             _run(f"edgekd/distill-{name}{'-cache-reused' if cache_from else ''}/{epochs}ep/seed{seed}",
                  _edgekd_cfg("seed002_student", epochs, seed, (teacher,), lr=3e-3, views=kd_args.views,
                              temperature=kd_args.temperature, alpha=kd_args.alpha, fresh_share=kd_args.fresh_share, **aug),
