@@ -205,7 +205,7 @@ def _tflite_is_int8(runner) -> bool:
 
 
 def _sidecar(path: Path) -> dict:
-    from edgekd.checkpoint import read_json
+    from edgekd.files import read_json
 
     return read_json(path.with_name(path.name + ".json"))
 
@@ -380,7 +380,7 @@ def _model_files(folder: Path) -> list[Path]:
 
 
 def _val_acc(run_dir: Path) -> float:
-    from edgekd.checkpoint import read_json
+    from edgekd.files import read_json
 
     return float(read_json(run_dir / "result.json").get("best_val_acc", -1.0))
 
@@ -487,7 +487,7 @@ def _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmu
 
 def _backbone_init(ckpt: Path) -> str | None:
     """How the torchvision backbone of a checkpoint started, from its run's config.json (None otherwise)."""
-    from edgekd.checkpoint import read_json
+    from edgekd.files import read_json
 
     model = read_json(Path(ckpt).parent / "config.json").get("model", {}) if Path(ckpt).suffix == ".pt" else {}
     if not str(model.get("arch", "")).startswith("torchvision:"):

@@ -6,9 +6,6 @@ half checkpoint, and read with ``weights_only=True``, so a checkpoint can never 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,38 +13,10 @@ import torch
 import torch.nn as nn
 
 from edgekd.errors import EdgeKDError
+from edgekd.files import atomic_write_bytes
 
 FORMAT = "edgekd.checkpoint/1"
 MODEL_KEYS = ("arch", "arch_kwargs", "classes", "in_channels", "input_size", "mean", "std")
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; the temp file is removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file's object, or {} when it is missing or unreadable (sidecars, result files)."""
-    try:
-        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict, **extra: Any) -> None:

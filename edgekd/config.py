@@ -6,12 +6,86 @@ Defaults are edgekd's documented recipe; the comments say why.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgeKDError
+
+
+class ConfigValueError(EdgeKDError):
+    """A config value of the wrong type or outside its range; ``key`` names the field."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key} {problem}")
+        self.key, self.problem = key, problem
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _type_error(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the type ``hint`` (None when it fits). bool is not an int here."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        reasons = [_type_error(value, h) for h in typing.get_args(hint)]
+        return None if None in reasons else " or ".join(r for r in reasons if r)
+    if hint is type(None):
+        return None if value is None else "empty"
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, tuple):
+            return f"a list of {_TYPE_WORDS.get(item, item)}s"
+        bad = [v for v in value if _type_error(v, item)]
+        return f"a list of {_TYPE_WORDS.get(item, item)}s" if bad else None
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    return None if isinstance(value, hint) else _TYPE_WORDS.get(hint, str(hint))
+
+
+def _range_error(value: Any, rule: tuple) -> str | None:
+    kind, *args = rule
+    if value is None:
+        return None
+    if kind == "min":
+        return None if value >= args[0] else f"at least {args[0]}"
+    if kind == "above":
+        return None if value > args[0] else f"greater than {args[0]}"
+    if kind == "between":
+        return None if args[0] <= value <= args[1] else f"between {args[0]} and {args[1]}"
+    if kind == "open":
+        return None if args[0] < value < args[1] else f"strictly between {args[0]} and {args[1]}"
+    if kind == "choice":
+        return None if value in args[0] else f"one of {', '.join(map(str, args[0]))}"
+    if kind == "each":
+        bad = [v for v in value if _range_error(v, args[0])]
+        return None if not bad else f"a list whose items are each {_range_error(bad[0], args[0])}"
+    raise ValueError(kind)
+
+
+def check_fields(cfg: Any, rules: dict[str, tuple]) -> None:
+    """Validate every field of a frozen config by its type hint and ``rules``; ints become floats
+    where a float is expected, lists become tuples. Raises ``ConfigValueError`` naming the key."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        if hints[f.name] in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        object.__setattr__(cfg, f.name, value)
+        problem = _type_error(value, hints[f.name])
+        if problem is None and f.name in rules:
+            problem = _range_error(value, rules[f.name])
+        if problem:
+            raise ConfigValueError(f.name, f"must be {problem}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -24,6 +98,10 @@ class DataConfig:
     image_size: int | None = None  # decode size (pixels) for ImageFolder images; None = their most common size
     split_seed: int = 0  # fixed so every model of a run sees the same split
 
+    def __post_init__(self) -> None:
+        check_fields(self, {"val_fraction": ("open", 0.0, 1.0), "test_fraction": ("open", 0.0, 1.0),
+                            "image_size": ("min", 1), "split_seed": ("min", 0)})
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -33,6 +111,9 @@ class ModelConfig:
     weights_path: str | None = None  # local torchvision state dict for pretrained use without network
     trainable_layers: int | None = None  # torchvision:* only: fine-tune just the last N layers and the head
     head_hidden: int | None = None  # torchvision:* only: GAP -> Dense(N, ReLU) -> Dropout 0.5 -> classes (seed 000's Keras head); None = torchvision's classifier, new last layer
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"input_size": ("min", 1), "trainable_layers": ("min", 1), "head_hidden": ("min", 1)})
 
 
 @dataclass(frozen=True)
@@ -53,6 +134,15 @@ class RecipeConfig:
     amp: bool = True  # mixed precision on CUDA; ignored on CPU (bf16 measured slower there)
     eval_batch_size: int = 1024
 
+    def __post_init__(self) -> None:
+        check_fields(self, {
+            "epochs": ("min", 1), "batch_size": ("min", 1), "optimizer": ("choice", ("sgd", "adam", "adamw")),
+            "lr": ("above", 0.0), "momentum": ("between", 0.0, 1.0), "weight_decay": ("min", 0.0),
+            "schedule": ("choice", ("onecycle", "cosine", "constant")), "label_smoothing": ("between", 0.0, 0.99),
+            "augment_pad": ("min", 0), "seed": ("min", 0), "eval_batch_size": ("min", 1)})
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ConfigValueError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
 
 @dataclass(frozen=True)
 class KDConfig:
@@ -69,6 +159,13 @@ class KDConfig:
     fresh_share: float = 1.0
     teacher_mean: tuple[float, ...] = (0.0,)  # normalization foreign-format teachers expect on [0, 1] pixels
     teacher_std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"teacher_weights": ("each", ("min", 0.0)), "alpha": ("between", 0.0, 1.0),
+                            "temperature": ("above", 0.0), "cache_views": ("min", 0), "fresh_share": ("between", 0.0, 1.0),
+                            "teacher_std": ("each", ("above", 0.0))})
+        if self.teacher_weights and sum(self.teacher_weights) <= 0:
+            raise ConfigValueError("teacher_weights", f"must have a positive sum, got {list(self.teacher_weights)}")
 
 
 @dataclass(frozen=True)
@@ -88,12 +185,17 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "recipe": RecipeConfig, "k
 
 
 def build(cls, values: dict[str, Any], where: str):
-    """Build a frozen config from a dict, naming any unknown key."""
+    """Build a frozen config from a dict, naming any unknown key or ill-typed value."""
+    if not isinstance(values, dict):
+        raise EdgeKDError(f"{where} must be a table of keys, got {values!r}")
     names = {f.name: f for f in fields(cls)}
     unknown = [k for k in values if k not in names]
     if unknown:
         raise EdgeKDError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(names)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    try:
+        return cls(**values)
+    except ConfigValueError as exc:
+        raise EdgeKDError(f"{where}.{exc.key} {exc.problem}") from None
 
 
 def distill_config_from_dict(values: dict[str, Any]) -> DistillConfig:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgekd.checkpoint import atomic_write_json, load_model
+from edgekd.checkpoint import load_model
+from edgekd.files import atomic_copy, atomic_write_json, clean_stale_temps, temp_dir
 from edgekd.data import ImageData, load_data, to_unit
 from edgekd.errors import EdgeKDError
 
@@ -231,6 +230,7 @@ def export(
         raise EdgeKDError(f"{checkpoint} was trained on classes {meta['classes']}, the data has {list(data.classes)}")
     out = Path(out_dir) if out_dir else checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
     net, how = deploy_net(model, meta)
     meta = {**meta, "normalization": how}
     x = model_input(meta, check_samples(data, samples))
@@ -238,8 +238,7 @@ def export(
         reference = Deployable(model, meta["mean"], meta["std"]).eval()(x).numpy()
     x = rgb(x)
     artifacts: list[Artifact] = []
-    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-        tmp = Path(tmp)
+    with temp_dir(out / "export") as tmp:
         if on_step:
             on_step(f"onnx: exporting (normalization {how}) and checking with onnxruntime")
         onnx_tmp = to_onnx(net, x, tmp / "model.onnx")
@@ -467,9 +466,7 @@ def _place(art: Artifact, dest: Path, meta: dict, source: Path, status: str = "o
 
     The sidecar names the checkpoint the file came from, relative to the file's folder, so a
     run directory can be moved and still be traced."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(art.path, tmp)
-    tmp.replace(dest)
+    atomic_copy(art.path, dest)
     placed = Artifact(**{**art.__dict__, "path": dest})
     atomic_write_json(dest.with_name(dest.name + ".json"),
                       {**placed.to_dict(), "status": status, "source_checkpoint": os.path.relpath(source, dest.parent),

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgekd.checkpoint import read_json
+from edgekd.files import read_json
 from edgekd.errors import EdgeKDError
 
 BUNDLE_SCHEMA = "edgekd.bundle/1"

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig, build, load_toml
+from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig, build, check_fields, load_toml
 from edgekd.errors import EdgeKDError
 
 
@@ -34,6 +34,13 @@ class DeployConfig:
     formats: tuple[str, ...] = ("onnx", "tflite")
     calib_size: int = 300  # class-stratified training images for int8 calibration
     io: str = "float32"  # TFLite input/output type; float32 loads in MediaPipe and the Task Library
+    # int8 accuracy gate in top-1 points against fp32: a model that loses more is not packaged and
+    # the run exits 2 (the files stay, marked failed). A 1-point budget is what phone apps usually accept.
+    max_drop: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"formats": ("each", ("choice", ("onnx", "tflite"))), "calib_size": ("min", 1),
+                            "io": ("choice", ("float32", "uint8", "int8")), "max_drop": ("min", 0.0)})
 
 
 @dataclass(frozen=True)
@@ -44,12 +51,18 @@ class BenchConfig:
     min_runs: int = 50  # LiteRT benchmark_model's default run count
     min_seconds: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_fields(self, {"threads": ("min", 1), "batch": ("min", 1), "min_runs": ("min", 1), "min_seconds": ("min", 0.0)})
+
 
 @dataclass(frozen=True)
 class PackageConfig:
     enabled: bool = True
     precision: str = "int8"  # int8 inside, float32 input: what MediaPipe and the Task Library load
     zip: bool = False
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"precision": ("choice", ("int8", "fp32"))})
 
 
 @dataclass(frozen=True)
@@ -75,13 +88,20 @@ def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     if unknown:
         raise EdgeKDError(f"unknown section [{unknown[0]}]; valid sections: {', '.join(sorted(allowed))}")
     teachers = []
-    for i, t in enumerate(values.get("teachers", [])):
+    raw_teachers = values.get("teachers", [])
+    if not isinstance(raw_teachers, list) or not all(isinstance(t, dict) for t in raw_teachers):
+        raise EdgeKDError("teachers must be [[teachers]] tables, each with a name and a model or a file")
+    for i, t in enumerate(raw_teachers):
         t = dict(t)
         extra = [k for k in t if k not in ("name", "model", "recipe", "file")]
         if extra:
             raise EdgeKDError(f"unknown key teachers[{i}].{extra[0]}; valid keys: name, model, recipe, file")
         if "name" not in t:
             raise EdgeKDError(f"teachers[{i}] needs a name")
+        if not isinstance(t["name"], str) or not t["name"] or "/" in t["name"]:
+            raise EdgeKDError(f"teachers[{i}].name must be a non-empty string without '/', got {t['name']!r}")
+        if t.get("file") is not None and not isinstance(t["file"], str):
+            raise EdgeKDError(f"teachers[{i}].file must be a string (a path), got {t['file']!r}")
         teachers.append(TeacherEntry(t["name"], build(ModelConfig, t.get("model", {}), f"teachers[{i}].model"),
                                      build(RecipeConfig, t.get("recipe", {}), f"teachers[{i}].recipe"), t.get("file")))
     if not teachers:
@@ -89,7 +109,13 @@ def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     kd = build(KDConfig, values.get("kd", {}), "kd")
     if kd.teachers:
         raise EdgeKDError("kd.teachers is set by the pipeline; list teachers as [[teachers]] tables instead")
-    students = tuple(values.get("students", STUDENT_RUNS))
+    if kd.teacher_weights and len(kd.teacher_weights) != len(teachers):
+        raise EdgeKDError(f"kd.teacher_weights has {len(kd.teacher_weights)} weights for {len(teachers)} teachers; "
+                          "give one per [[teachers]] table, in their order")
+    students = values.get("students", STUDENT_RUNS)
+    if not isinstance(students, list | tuple) or not all(isinstance(s, str) for s in students):
+        raise EdgeKDError(f"students must be a list of names, got {students!r}")
+    students = tuple(students)
     bad = [s for s in students if s not in STUDENT_RUNS]
     if bad:
         raise EdgeKDError(f"unknown student run {bad[0]!r}; choose from {', '.join(STUDENT_RUNS)}")
@@ -198,19 +224,20 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
     ranked = sorted(teacher_files, key=lambda f: -f[2] if f[2] == f[2] else 0.0)
     for name in cfg.students:
         files = {"scratch": (), "kd_best": (ranked[0][1],), "kd_all": tuple(f[1] for f in teacher_files)}[name]
-        kd = dataclasses.replace(cfg.kd, teachers=files)
+        weights = cfg.kd.teacher_weights if name == "kd_all" else ()  # teacher_weights follow [[teachers]]'s order
+        kd = dataclasses.replace(cfg.kd, teachers=files, teacher_weights=weights)
         if name == "kd_all" and len(files) < 2:
             continue
         run_cfg = DistillConfig(data=cfg.data, model=cfg.student, recipe=cfg.student_recipe, kd=kd)
         rows.append(_run_one(train, run_cfg, out / "students" / name, name, "student", data, on_stage, on_step,
                              cache_dir=out / "teacher_cache"))  # students share each teacher's outputs
-    from edgekd.checkpoint import atomic_write_json
+    from edgekd.files import atomic_write_json
 
     deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
     atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "deployed": deployed})
     report = _bench(cfg.bench, out, data, teacher_files, on_stage, on_step) if cfg.bench.enabled else None
     bundle = None
-    if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats:
+    if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats and deployed["passed"]:
         from edgekd.package import package
 
         if on_stage:
@@ -243,7 +270,7 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
     import hashlib
 
     from edgekd.bench import environment
-    from edgekd.checkpoint import atomic_write_json
+    from edgekd.files import atomic_write_json
 
     def sha(path: Path) -> str:
         h = hashlib.sha256()
@@ -284,8 +311,9 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
         return {"student": best.name, **json.loads(report.read_text())}
     if on_stage:
         on_stage(f"deploy {best.name}: export and int8 quantization ({', '.join(deploy.formats)})")
-    result = quantize(ckpt, data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io, out_dir=out)
-    from edgekd.checkpoint import atomic_write_json
+    result = quantize(ckpt, data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
+                      max_drop=deploy.max_drop, out_dir=out)
+    from edgekd.files import atomic_write_json
 
     atomic_write_json(out / "stamp.json", stamp)
     return {"student": best.name, **result_dict(result)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import platform
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 
 from edgekd.bench import time_calls
-from edgekd.checkpoint import atomic_write_json, load_model
+from edgekd.checkpoint import load_model
+from edgekd.files import atomic_write_json, clean_stale_temps, temp_dir
 from edgekd.data import ImageData
 from edgekd.errors import EdgeKDError
 from edgekd.export import (
@@ -137,6 +137,7 @@ def quantize(
     data = resolve_data(checkpoint, data)
     out = Path(out_dir) if out_dir else checkpoint.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
     calib = calibration_sample(data, calib_size)
     calib_x = rgb(model_input(meta, data.train_x[list(calib.indices)]))
     test_x = rgb(model_input(meta, data.test_x))
@@ -148,8 +149,7 @@ def quantize(
         reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()
     check_x = rgb(check_x)
     models = []
-    with tempfile.TemporaryDirectory(dir=out, prefix=".quantize-") as tmp:
-        tmp = Path(tmp)
+    with temp_dir(out / "quantize") as tmp:
         onnx_fp32 = to_onnx(net, check_x, tmp / "model.onnx")
         fp32_art = check_onnx(onnx_fp32, check_x, reference, "fp32")
         if "onnx" in formats:

@@ -167,7 +167,7 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from edgekd.checkpoint import atomic_write_json
+    from edgekd.files import atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     ok = [r for r in report.rows if r.status == "ok"]
@@ -254,11 +254,13 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    from edgekd.files import atomic_write_bytes
+
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -313,7 +315,7 @@ def bench_html(report, plots: dict[str, Path]) -> str:
 
 def write_bench_report(report, folder: Path) -> dict[str, Path]:
     """bench.json, bench.md, the PNG plots and report.html in ``folder``, each written atomically."""
-    from edgekd.checkpoint import atomic_write_json, atomic_write_text
+    from edgekd.files import atomic_write_json, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     plots = bench_plots(report, folder)

@@ -25,7 +25,7 @@ def test_models_lists_with_a_filter():
     (["train", "--data", "/no/such/dir"], "neither a built-in name"),
     (["distill", "--epochs", "1"], "needs at least one --teacher"),
     (["distill", "-t", "/no/teacher.pt"], "teacher file not found"),
-    (["train", "--optimizer", "lion"], "unknown optimizer"),
+    (["train", "--optimizer", "lion"], "recipe.optimizer must be one of sgd, adam, adamw, got 'lion'"),
 ])
 def test_errors_are_one_line_and_non_zero(tmp_path, args, message):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])

@@ -103,7 +103,14 @@ def _guarded(fn):
 
 
 def _build_config(config, section_overrides):
-    from edgekd.config import DistillConfig, distill_config_from_dict, load_toml, override
+    from edgekd.config import ConfigValueError, DistillConfig, distill_config_from_dict, load_toml, override
+    from edgekd.errors import EdgeKDError
 
     base = distill_config_from_dict(load_toml(config)) if config else DistillConfig()
-    return DistillConfig(**{name: override(getattr(base, name), **values) for name, values in section_overrides.items()})
+    sections = {}
+    for name, values in section_overrides.items():
+        try:
+            sections[name] = override(getattr(base, name), **values)
+        except ConfigValueError as exc:
+            raise EdgeKDError(f"{name}.{exc.key} {exc.problem}; fix the option or the --config value") from None
+    return DistillConfig(**sections)

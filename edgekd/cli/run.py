@@ -58,6 +58,12 @@ def run_cmd(
     if as_json:
         sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "deployed": result.deployed,
                                      "bench": result.bench.to_dict() if result.bench else None}, indent=2) + "\n")
+    if result.deployed and not result.deployed["passed"]:
+        worst = max(result.deployed["models"], key=lambda m: m["drop_pts"])
+        err.print(f"[bold red]error:[/] int8 {worst['format']} lost {worst['drop_pts']:.2f} top-1 points, more than "
+                  f"deploy.max_drop {result.deployed['max_drop_pts']}; not packaged (files kept in {out / 'deploy'}, "
+                  "marked failed). Raise deploy.max_drop or keep the fp32 files", highlight=False)
+        raise typer.Exit(2)
     if result.bundle is not None and not result.bundle.passed:
         raise typer.Exit(1)
 

@@ -1,0 +1,99 @@
+"""Ground floor: atomic writes, JSON, hashes, and the one naming scheme for temporary files.
+
+Every temporary file or folder edgekd makes is named ``.edgekd-tmp-<name>-<random>`` beside its
+destination. A write that fails (full disk, Ctrl-C) removes its own temporary; one orphaned by a
+killed process is removed by ``clean_stale_temps`` the next time edgekd writes into that folder.
+Nothing else is ever removed, so a user's own files are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+TEMP_PREFIX = ".edgekd-tmp-"
+
+
+def temp_name(dest: Path) -> str:
+    """The prefix of a temporary for ``dest`` (``mkstemp``/``mkdtemp`` add a random tail)."""
+    return f"{TEMP_PREFIX}{Path(dest).name}-"
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove temporaries a killed edgekd process left in ``folder``; returns what was removed.
+
+    Only names with edgekd's prefix are touched. Call it before writing into a folder, never
+    while another edgekd process writes there.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+def atomic_write_bytes(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; the temporary is removed on any failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(path), dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_copy(src: Path, dest: Path) -> None:
+    atomic_write_bytes(Path(dest), lambda tmp: shutil.copyfile(src, tmp))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def temp_dir(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` (same file system, so it can be renamed into place),
+    removed on exit unless it was renamed away."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(dest), dir=dest.parent))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when it is missing or unreadable (sidecars, result files)."""
+    try:
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
