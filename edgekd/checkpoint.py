@@ -6,6 +6,7 @@ half checkpoint, and read with ``weights_only=True``, so a checkpoint can never 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict, **extra: Any) -> N
         raise ValueError(f"checkpoint meta lacks {missing}")
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     payload = {"format": FORMAT, **{k: meta[k] for k in MODEL_KEYS}, "state_dict": state, **extra}
-    atomic_write_bytes(Path(path), lambda tmp: torch.save(payload, tmp))
+    save_atomic(path, payload)
+
+
+def save_atomic(path: str | Path, obj: Any) -> None:
+    """``torch.save`` through memory, then an atomic write: on a full disk torch's zip writer raises
+    an opaque RuntimeError, a plain file write raises OSError(ENOSPC), which the CLI reports in one line."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(Path(path), lambda tmp: tmp.write_bytes(buf.getbuffer()))
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -44,7 +44,13 @@ class ImageData:
     test_y: torch.Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    skipped_files: tuple[str, ...] = field(default=())
+    # What was read: images per split and class, skipped files with reasons, sizes, modes and bit
+    # depths seen (see ``summarize``); stored in every run's result.json.
+    summary: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def skipped_files(self) -> tuple[str, ...]:
+        return tuple(s["file"] for s in self.summary.get("skipped", ()))
 
     @property
     def num_classes(self) -> int:
@@ -93,18 +99,17 @@ def load_data(
     if not 0.0 < val_fraction < 1.0 or not 0.0 < test_fraction < 1.0:
         raise EdgeKDError("--val-fraction and --test-fraction must be between 0 and 1")
     if spec == "digits":
-        splits, classes, skipped = _digits(seed, val_fraction, test_fraction), tuple(str(i) for i in range(10)), ()
+        splits, classes = _digits(seed, val_fraction, test_fraction), tuple(str(i) for i in range(10))
+        decode = _uniform_decode(splits, bits=4)  # 0..16 values, stored scaled to 0..255
     elif spec in TORCHVISION_SETS:
         splits, classes = _torchvision(spec, data_dir, download, val_fraction, seed)
-        skipped = ()
+        decode = _uniform_decode(splits, bits=8)
     else:
-        splits, classes, skipped = _image_folder(
-            Path(spec), image_size, val_fraction, test_fraction, seed, on_step
-        )
-    return _finish(str(spec), classes, splits, skipped)
+        splits, classes, decode = _image_folder(Path(spec), image_size, val_fraction, test_fraction, seed, on_step)
+    return _finish(str(spec), classes, splits, decode)
 
 
-def _finish(name, classes, splits, skipped) -> ImageData:
+def _finish(name, classes, splits, decode: dict | None = None) -> ImageData:
     (trx, try_), (vax, vay), (tex, tey) = splits
     if len(classes) < 2:
         raise EdgeKDError(f"dataset {name!r} has {len(classes)} class; a classifier needs at least 2")
@@ -114,7 +119,38 @@ def _finish(name, classes, splits, skipped) -> ImageData:
     unit = trx.float().div_(255.0)
     mean = tuple(float(m) for m in unit.mean(dim=(0, 2, 3)))
     std = tuple(max(float(s), 1e-3) for s in unit.std(dim=(0, 2, 3)))
-    return ImageData(name, tuple(classes), trx, try_, vax, vay, tex, tey, mean, std, tuple(skipped))
+    summary = summarize(classes, {"train": try_, "val": vay, "test": tey}, decode or _uniform_decode(splits, bits=8))
+    return ImageData(name, tuple(classes), trx, try_, vax, vay, tex, tey, mean, std, summary)
+
+
+def summarize(classes, labels: dict[str, torch.Tensor], decode: dict) -> dict:
+    """Images per split and class, plus what decoding saw (``decode``: skipped, sizes, modes, bits)."""
+    per_class = {c: {split: int((y == i).sum()) for split, y in labels.items()} for i, c in enumerate(classes)}
+    return {"images": {split: len(y) for split, y in labels.items()}, "per_class": per_class, **decode}
+
+
+def describe(summary: dict) -> str:
+    """One line for people: counts per split, sizes, modes, bit depths, skipped and resized files."""
+    n = summary["images"]
+    parts = [f"train {n['train']:,} / val {n['val']:,} / test {n['test']:,} images, {len(summary['per_class'])} classes",
+             "sizes " + ", ".join(list(summary["sizes"])[:3]) + (" ..." if len(summary["sizes"]) > 3 else ""),
+             "modes " + ", ".join(summary["modes"]), "bit depths " + ", ".join(summary["bit_depths"])]
+    if summary["resized"]:
+        parts.append(f"{summary['resized']:,} resized")
+    if summary["skipped"]:
+        first = summary["skipped"][0]
+        parts.append(f"{len(summary['skipped'])} unreadable files skipped (e.g. {first['file']}: {first['reason']})")
+    smallest = min(summary["per_class"].items(), key=lambda kv: sum(kv[1].values()))
+    parts.append(f"smallest class {smallest[0]!r} ({sum(smallest[1].values())} images)")
+    return "; ".join(parts)
+
+
+def _uniform_decode(splits, bits: int) -> dict:
+    x = splits[0][0]
+    n = sum(len(y) for _, y in splits)
+    mode = "L" if x.shape[1] == 1 else "RGB"
+    return {"skipped": [], "sizes": {f"{x.shape[3]}x{x.shape[2]}": n}, "modes": {mode: n}, "bit_depths": {str(bits): n},
+            "resized": 0}
 
 
 def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,8 +232,9 @@ def _image_folder(root: Path, image_size, val_fraction, test_fraction, seed, on_
             f"no images found in {root}: expected DIR/<class>/*.jpg|png or DIR/train/<class>/* and DIR/test/<class>/*"
         )
     files = [(s, classes.index(c), p) for s, lst in listings.items() for c, ps in lst.items() for p in ps]
-    pixels, kept, skipped = _decode_all([p for _, _, p in files], image_size, on_step)
-    x = np.stack(pixels) if pixels else np.zeros((0, 1, 1, 1), np.uint8)
+    pixels, kept, decode = _decode_all([p for _, _, p in files], image_size, on_step)
+    _check_classes(root, classes, listings, [files[i][1] for i in kept], decode["skipped"])
+    x = np.stack(pixels)
     y = np.array([files[i][1] for i in kept], dtype=np.int64)
     split_of = np.array([files[i][0] for i in kept])
     if not has_splits:
@@ -211,30 +248,65 @@ def _image_folder(root: Path, image_size, val_fraction, test_fraction, seed, on_
         tr_rel, va_rel = _stratified_split(y[rest], frac, seed)
         train, val = rest[tr_rel], rest[va_rel]
     splits = _to_tensors(x, y, train), _to_tensors(x, y, val), _to_tensors(x, y, test)
-    return splits, tuple(classes), tuple(skipped)
+    return splits, tuple(classes), decode
+
+
+def _check_classes(root: Path, classes, listings, kept_labels, skipped) -> None:
+    """Refuse a class a model cannot learn: an empty folder, all files unreadable, or a single image."""
+    listed = Counter(c for lst in listings.values() for c, ps in lst.items() for _ in ps)
+    kept = Counter(kept_labels)
+    for i, c in enumerate(classes):
+        if listed[c] == 0:
+            raise EdgeKDError(f"class folder {c!r} in {root} holds no images (.jpg/.png/.bmp/.webp); "
+                              "add images or remove the folder")
+        if kept[i] == 0:
+            example = next((s for s in skipped if f"{os.sep}{c}{os.sep}" in s["file"]), {"file": c, "reason": "unreadable"})
+            raise EdgeKDError(f"all {listed[c]} files of class {c!r} are unreadable (e.g. {example['file']}: "
+                              f"{example['reason']}); replace them or remove the folder")
+        if kept[i] == 1:
+            raise EdgeKDError(f"class {c!r} has a single readable image; a class needs at least 2 "
+                              "(one to train on, one to evaluate), so add images or remove the folder")
+
+
+def _read_image(path: Path):
+    """One image as a PIL image in L or RGB with 8-bit values, and its bit depth.
+
+    16-bit PNGs (modes I;16*, and I as Pillow opens some) are scaled by 255/65535: Pillow's
+    own ``convert("L")`` clips them instead, which turns most pixels white."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode.startswith("I;16") or im.mode == "I":
+            arr = np.asarray(im, dtype=np.float64)
+            bits = 16 if im.mode.startswith("I;16") or arr.max() > 255 else 8
+            scale = 255.0 / 65535.0 if bits == 16 else 1.0
+            return Image.fromarray(np.clip(np.round(arr * scale), 0, 255).astype(np.uint8), "L"), bits
+        if im.mode in ("L", "1", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "PA"):
+            return (im.convert("L") if im.mode in ("L", "1", "LA") else im.convert("RGB")), 1 if im.mode == "1" else 8
+        return im.convert("RGB"), 8
 
 
 def _decode_all(paths: list[Path], image_size: int | None, on_step):
-    """Decode images with Pillow; unreadable files are skipped and returned, never raised."""
+    """Decode images with Pillow; unreadable files are skipped with their reason, never raised."""
     from PIL import Image
 
-    modes = Counter()
+    modes, bits, sizes = Counter(), Counter(), Counter()
     decoded: list[tuple[int, "Image.Image"]] = []
-    skipped: list[str] = []
+    skipped: list[dict] = []
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as im:
-                im.load()
-                img = im.convert("L") if im.mode in ("L", "1", "I;16", "I") else im.convert("RGB")
-        except Exception:  # noqa: BLE001 - any decoder failure means a corrupt file: count it, go on
-            skipped.append(str(path))
+            img, depth = _read_image(path)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file: count it, go on
+            skipped.append({"file": str(path), "reason": str(exc).splitlines()[0][:200] or type(exc).__name__})
             continue
         modes[img.mode] += 1
+        bits[str(depth)] += 1
+        sizes[img.size] += 1
         decoded.append((i, img))
         if on_step is not None and (i % 500 == 0 or i == len(paths) - 1):
             on_step(i + 1, len(paths))
     mode = "RGB" if modes.get("RGB", 0) else "L"
-    sizes = Counter(img.size for _, img in decoded)
     size = (image_size, image_size) if image_size else (sizes.most_common(1)[0][0] if sizes else (1, 1))
     pixels = []
     for _, img in decoded:
@@ -243,7 +315,9 @@ def _decode_all(paths: list[Path], image_size: int | None, on_step):
             img = img.resize(size, Image.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
         pixels.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))  # (H, W, C) -> (C, H, W)
-    return pixels, [i for i, _ in decoded], skipped
+    decode = {"skipped": skipped, "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common()},
+              "modes": dict(modes), "bit_depths": dict(bits), "resized": sum(n for sz, n in sizes.items() if sz != size)}
+    return pixels, [i for i, _ in decoded], decode
 
 
 # ---------------------------------------------------------------------------------------------

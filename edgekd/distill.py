@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 from edgekd import losses
-from edgekd.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from edgekd.checkpoint import load_checkpoint, save_atomic, save_checkpoint, unwrap
 from edgekd.config import DistillConfig
 from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_unit
 from edgekd.errors import EdgeKDError
-from edgekd.files import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_stale_temps
+from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
 from edgekd.zoo import FunctionTeacher, build_model, count_params, fit_input, load_teacher
 
 OnStep = Callable[[str, int, int, dict], None]
@@ -63,6 +63,7 @@ class TrainResult:
     device: str
     teachers: tuple[TeacherReport, ...] = ()
     history: tuple[dict, ...] = field(default=(), repr=False)
+    data_summary: dict = field(default_factory=dict, repr=False)  # what was read (edgekd.data.summarize)
 
     def summary(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "history"}
@@ -248,7 +249,7 @@ def _load_or_build_cache(cache_dir: Path, keys: list[str], teachers, data, views
             for j, p in enumerate(todo):
                 one = TeacherCache(built.params, built.logits[j:j + 1])
                 key = keys[paths.index(p)]
-                atomic_write_bytes(p, lambda tmp: torch.save({"key": key, "params": one.params, "logits": one.logits}, tmp))
+                save_atomic(p, {"key": key, "params": one.params, "logits": one.logits})
                 saved[p] = one
     _barrier(rt)
     parts = [saved[p] for p in paths] if rt.main else [_read_cache(p, k) for p, k in zip(paths, keys)]
@@ -294,11 +295,14 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     if (out / "last.pt").exists() and not resume:
         raise EdgeKDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not (out / "last.pt").exists():
-        raise EdgeKDError(f"nothing to resume in {out}: no last.pt there")
+        raise EdgeKDError(f"nothing to resume in {out}: no epoch finished there (no last.pt); "
+                          "run the same command without --resume to start it")
     if data is None:
         d = cfg.data
         data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
                          test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)
+        if on_step:
+            on_step("data", 0, 0, {"name": data.name, "summary": data.summary})
     teachers = [load_teacher(p, device=rt.device, input_mean=kd.teacher_mean, input_std=kd.teacher_std)
                 for p in kd.teachers]
     teacher_reports = check_teachers(teachers, data) if teachers else []
@@ -314,6 +318,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     flip = r.augment_flip if r.augment_flip is not None else data.channels == 3
 
     out.mkdir(parents=True, exist_ok=True)
+    if rt.main:
+        clean_stale_temps(out)
     cache_t0 = time.perf_counter()
     cache = None
     if teachers and kd.cache_views > 0:
@@ -329,6 +335,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "history": [], "elapsed_s": 0.0}
     if resume:
         state = _restore(out / "last.pt", cfg, model, optimizer, scheduler)
+        if on_step:
+            on_step("resumed", state["epoch"], r.epochs, {"best_val_acc": state["best_val_acc"]})
     if rt.world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if rt.main:
@@ -368,7 +376,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     images = len(data.train_x) * r.epochs
     result = TrainResult(out, meta["arch"], count_params(best), state["best_val_acc"], test_acc, r.epochs,
                          state["best_epoch"], train_s, cache_s, images / train_s if train_s else 0.0,
-                         str(rt.device), tuple(teacher_reports), tuple(state["history"]))
+                         str(rt.device), tuple(teacher_reports), tuple(state["history"]), data.summary)
     if rt.main:
         atomic_write_json(out / "result.json", result.summary())
     if rt.world > 1:
@@ -415,10 +423,13 @@ def _optimizer(model: nn.Module, r) -> torch.optim.Optimizer:
 
 def _scheduler(optimizer, r, steps_per_epoch: int):
     total = r.epochs * steps_per_epoch
-    if r.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=r.lr, total_steps=total, pct_start=0.25,
+    if r.schedule == "onecycle" and total >= 3:
+        # A quarter of the steps warm up; at least 2 so that both phases of a short run have length
+        # (OneCycleLR divides by each phase's length: 4 steps at 0.25 would divide by zero).
+        pct = min(0.5, max(0.25, 2.0 / total))
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=r.lr, total_steps=total, pct_start=pct,
                                                    div_factor=10.0, final_div_factor=100.0)
-    if r.schedule == "cosine":
+    if r.schedule == "cosine" or r.schedule == "onecycle":  # onecycle of 1-2 steps: nothing to warm up
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 

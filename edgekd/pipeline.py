@@ -209,6 +209,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
     d = cfg.data
     data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
                      test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)
+    if on_step:
+        on_step("data", 0, 0, {"name": data.name, "summary": data.summary})
     rows: list[RunRow] = []
     teacher_files: list[tuple[str, str, float]] = []
     for t in cfg.teachers:

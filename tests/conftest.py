@@ -27,7 +27,7 @@ def prototype_data(num_classes=4, per_class=60, channels=3, size=16, noise=40.0,
         return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
 
     classes = tuple(f"c{i}" for i in range(num_classes))
-    return _finish("synthetic", classes, (split(per_class), split(per_class // 3), split(per_class // 3)), ())
+    return _finish("synthetic", classes, (split(per_class), split(per_class // 3), split(per_class // 3)))
 
 
 @pytest.fixture(scope="session")

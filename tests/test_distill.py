@@ -73,20 +73,29 @@ def test_nan_loss_stops_with_a_clear_error(synth, tmp_path):
                         recipe=RecipeConfig(epochs=2, lr=1e12, optimizer="sgd", schedule="constant", **PLAIN))
     with pytest.raises(EdgeKDError, match="lower the learning rate"):
         train(cfg, tmp_path, data=synth)
-    assert not (tmp_path / "best.pt").exists() and not list(tmp_path.glob("*.tmp"))
+    assert not (tmp_path / "best.pt").exists() and not list(tmp_path.glob(".edgekd-tmp-*"))
 
 
 @pytest.mark.parametrize("recipe, kd, message", [
-    (dict(optimizer="lion"), {}, "unknown optimizer"),
-    (dict(epochs=0), {}, "must be positive"),
-    ({}, dict(alpha=2.0), "alpha"),
-    ({}, dict(fresh_share=1.5), "fresh_share must lie in"),
-    ({}, dict(teachers=("a.pt",), teacher_weights=(1.0, 2.0)), "one per teacher"),
+    (dict(optimizer="lion"), {}, "optimizer must be one of sgd, adam, adamw, got 'lion'"),
+    (dict(epochs=0), {}, "epochs must be at least 1, got 0"),
+    (dict(epochs="three"), {}, "epochs must be an integer, got 'three'"),
+    (dict(lr="fast"), {}, "lr must be a finite number, got 'fast'"),
+    (dict(augment_pad=-1), {}, "augment_pad must be at least 0"),
+    ({}, dict(alpha=2.0), "alpha must be between 0.0 and 1.0, got 2.0"),
+    ({}, dict(fresh_share=1.5), "fresh_share must be between 0.0 and 1.0"),
+    ({}, dict(cache_views=-1), "cache_views must be at least 0, got -1"),
 ])
-def test_bad_settings_fail_before_training(synth, tmp_path, recipe, kd, message):
-    cfg = DistillConfig(recipe=RecipeConfig(**recipe), kd=KDConfig(**kd))
+def test_bad_settings_fail_when_the_config_is_made(recipe, kd, message):
     with pytest.raises(EdgeKDError, match=message):
+        DistillConfig(recipe=RecipeConfig(**recipe), kd=KDConfig(**kd))
+
+
+def test_teacher_weights_must_match_the_teachers(synth, tmp_path):
+    cfg = DistillConfig(kd=KDConfig(teachers=("a.pt",), teacher_weights=(1.0, 2.0)))
+    with pytest.raises(EdgeKDError, match="one per teacher"):
         train(cfg, tmp_path, data=synth)
+    assert not any(tmp_path.iterdir())
 
 
 def test_torchrun_two_processes_gloo(tmp_path):

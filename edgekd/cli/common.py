@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -72,6 +71,15 @@ class _Bars:
         self.last_epoch = ""
 
     def __call__(self, stage: str, done: int, total: int, info: dict) -> None:
+        if stage == "data":
+            from edgekd.data import describe
+
+            self.progress.console.print(f"data {info['name']}: {describe(info['summary'])}", highlight=False, soft_wrap=True)
+            return
+        if stage == "resumed":
+            self.progress.console.print(f"resuming after epoch {done} of {total} "
+                                        f"(best validation accuracy so far {info['best_val_acc']:.2f}%)", highlight=False)
+            return
         if stage == "epoch":
             self.last_epoch = f"val {info['val_acc']:.2f}%  loss {info['train_loss']:.3f}"
         label = {"step": "  batches", "epoch": "epochs", "teacher cache": "teacher outputs"}.get(stage, stage)
