@@ -26,6 +26,7 @@ class ConfigValueError(EdgeKDError):
 
 
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+_PLURAL_WORDS = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
 
 
 def _type_error(value: Any, hint: Any) -> str | None:
@@ -38,10 +39,9 @@ def _type_error(value: Any, hint: Any) -> str | None:
         return None if value is None else "empty"
     if origin is tuple:
         item = typing.get_args(hint)[0]
-        if not isinstance(value, tuple):
-            return f"a list of {_TYPE_WORDS.get(item, item)}s"
-        bad = [v for v in value if _type_error(v, item)]
-        return f"a list of {_TYPE_WORDS.get(item, item)}s" if bad else None
+        if not isinstance(value, tuple) or any(_type_error(v, item) for v in value):
+            return f"a list of {_PLURAL_WORDS.get(item, item)}"
+        return None
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return None if ok else "a finite number"
@@ -85,7 +85,8 @@ def check_fields(cfg: Any, rules: dict[str, tuple]) -> None:
         if problem is None and f.name in rules:
             problem = _range_error(value, rules[f.name])
         if problem:
-            raise ConfigValueError(f.name, f"must be {problem}, got {value!r}")
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigValueError(f.name, f"must be {problem}, got {shown!r}")
 
 
 @dataclass(frozen=True)
