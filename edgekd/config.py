@@ -133,6 +133,9 @@ class RecipeConfig:
     seed: int = 0  # model init, batch order and augmentation; the same seed repeats a CPU run
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     amp: bool = True  # mixed precision on CUDA; ignored on CPU (bf16 measured slower there)
+    # auto: fp16 autocast + GradScaler on CUDA (fp32 there when amp = false), fp32 on the CPU;
+    # fp32; bf16: bf16 autocast on CPU or CUDA, no scaler (bf16 has fp32's range); fp16: CUDA only
+    precision: str = "auto"
     eval_batch_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -140,7 +143,8 @@ class RecipeConfig:
             "epochs": ("min", 1), "batch_size": ("min", 1), "optimizer": ("choice", ("sgd", "adam", "adamw")),
             "lr": ("above", 0.0), "momentum": ("between", 0.0, 1.0), "weight_decay": ("min", 0.0),
             "schedule": ("choice", ("onecycle", "cosine", "constant")), "label_smoothing": ("between", 0.0, 0.99),
-            "augment_pad": ("min", 0), "seed": ("min", 0), "eval_batch_size": ("min", 1)})
+            "augment_pad": ("min", 0), "seed": ("min", 0), "eval_batch_size": ("min", 1),
+            "precision": ("choice", ("auto", "fp32", "bf16", "fp16"))})
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigValueError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -8,6 +8,7 @@ processes with DistributedDataParallel.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from edgekd import losses
 from edgekd.checkpoint import load_checkpoint, save_atomic, save_checkpoint, unwrap
-from edgekd.config import DistillConfig
+from edgekd.config import DistillConfig, KDConfig, RecipeConfig, distill_config_from_dict
 from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_unit
 from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
@@ -112,6 +113,43 @@ def _barrier(rt: Runtime) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def _check_finite(loss: torch.Tensor, rt: Runtime, epoch: int, step: int) -> None:
+    """Raise the same error on every process when any process's loss is NaN or infinite: one rank
+    raising alone would leave the others waiting in the next gradient all-reduce. The check is one
+    scalar all-reduce per step (a sum is non-finite when any term is)."""
+    total = loss.detach().float().reshape(1).clone()
+    if rt.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    if not torch.isfinite(total).all():
+        where = f" (summed over {rt.world} processes)" if rt.world > 1 else ""
+        raise EdgeKDError(f"loss became {float(total)}{where} at epoch {epoch}, step {step}; "
+                          "lower the learning rate (--lr)")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the student's forward pass runs: the autocast dtype (None: fp32) and whether a GradScaler
+    guards fp16 gradients against underflow (bf16 has fp32's exponent range and needs none)."""
+
+    autocast: torch.dtype | None
+    scaled: bool
+
+    def context(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, amp: bool, device: torch.device) -> Precision:
+    """``recipe.precision`` on ``device``: auto is fp16 with a GradScaler on CUDA (fp32 when
+    ``amp`` is off) and fp32 on the CPU; bf16 works on both; fp16 needs CUDA."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" and amp else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise EdgeKDError(f"precision fp16 needs a CUDA GPU, the run is on {device}; use bf16 or fp32 on the CPU")
+    return Precision({"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision], precision == "fp16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,22 +276,62 @@ def teacher_cache_key(cfg: DistillConfig, data: ImageData, teacher: str, pad: in
 def _load_or_build_cache(cache_dir: Path, keys: list[str], teachers, data, views, pad, flip, seed, rt, on_step):
     """One file per teacher (``teacher-KEY.pt``), so students of a pipeline that share a teacher
     share its outputs: rank 0 reads those made with the same key and builds the others; other
-    ranks read them after."""
+    ranks wait for rank 0's files (``_wait_for_cache``) and read them."""
     paths = [cache_dir / f"teacher-{k}.pt" for k in keys]
-    if rt.main:
-        saved = {p: _read_cache(p, k) for p, k in zip(paths, keys)}
-        todo = list(dict.fromkeys(p for p in paths if saved[p] is None))  # a teacher given twice is built once
-        if todo:
-            built = build_teacher_cache([teachers[paths.index(p)] for p in todo], data.train_x, views, pad, flip, seed,
-                                        on_step=on_step)
-            for j, p in enumerate(todo):
-                one = TeacherCache(built.params, built.logits[j:j + 1])
-                key = keys[paths.index(p)]
-                save_atomic(p, {"key": key, "params": one.params, "logits": one.logits})
-                saved[p] = one
-    _barrier(rt)
-    parts = [saved[p] for p in paths] if rt.main else [_read_cache(p, k) for p, k in zip(paths, keys)]
+    if not rt.main:
+        parts = _wait_for_cache(paths, keys)
+        return TeacherCache(parts[0].params, torch.cat([c.logits for c in parts]))
+    saved = {p: _read_cache(p, k) for p, k in zip(paths, keys)}
+    todo = list(dict.fromkeys(p for p in paths if saved[p] is None))  # a teacher given twice is built once
+    if todo:
+        built = build_teacher_cache([teachers[paths.index(p)] for p in todo], data.train_x, views, pad, flip, seed,
+                                    on_step=on_step)
+        for j, p in enumerate(todo):
+            one = TeacherCache(built.params, built.logits[j:j + 1])
+            save_atomic(p, {"key": keys[paths.index(p)], "params": one.params, "logits": one.logits})
+            saved[p] = one
+    parts = [saved[p] for p in paths]
     return TeacherCache(parts[0].params, torch.cat([c.logits for c in parts]))
+
+
+# Ranks other than 0 poll for the cache files instead of waiting in a barrier: a collective gives up
+# after the process group's timeout (10-30 min by default), less than a large teacher cache takes to
+# build on a CPU. If rank 0 fails, torchrun ends every worker; this bound only ends a wait for a rank
+# 0 that hangs, or whose files land where this rank cannot see them.
+CACHE_WAIT_S = 24 * 3600.0
+CACHE_POLL_S = 1.0
+
+
+def _wait_for_cache(paths: list[Path], keys: list[str], wait_s: float = CACHE_WAIT_S,
+                    poll_s: float = CACHE_POLL_S) -> list[TeacherCache]:
+    """The caches at ``paths`` once each holds its ``key``. Files are written atomically (complete or
+    absent); one left by an earlier run with another key is read again only after it changed."""
+    deadline = time.monotonic() + wait_s
+    found: dict[Path, TeacherCache] = {}
+    stamps: dict[Path, tuple[int, int]] = {}
+    while True:
+        for p, k in zip(paths, keys):
+            stamp = _stamp(p)
+            if p not in found and stamp is not None and stamps.get(p) != stamp:
+                stamps[p] = stamp
+                cache = _read_cache(p, k)
+                if cache is not None:
+                    found[p] = cache
+        if all(p in found for p in paths):
+            return [found[p] for p in paths]
+        if time.monotonic() > deadline:
+            missing = next(p for p in paths if p not in found)
+            raise EdgeKDError(f"waited {wait_s / 3600:.1f} h for rank 0's teacher cache {missing}; "
+                              "check rank 0 and that every rank sees the same cache directory (a shared disk)")
+        time.sleep(poll_s)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _read_cache(path: Path, key: str) -> TeacherCache | None:
@@ -292,6 +370,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     _validate(cfg)
     out = Path(out_dir)
     rt = resolve_runtime(r.device)
+    precision = resolve_precision(r.precision, r.amp, rt.device)
     if (out / "last.pt").exists() and not resume:
         raise EdgeKDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not (out / "last.pt").exists():
@@ -332,9 +411,10 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     steps_per_epoch = math.ceil((len(data.train_x) // rt.world) / max(1, r.batch_size // rt.world))
     optimizer = _optimizer(model, r)
     scheduler = _scheduler(optimizer, r, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.scaled)
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "history": [], "elapsed_s": 0.0}
     if resume:
-        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler)
+        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler, scaler, rt.device)
         if on_step:
             on_step("resumed", state["epoch"], r.epochs, {"best_val_acc": state["best_val_acc"]})
     if rt.world > 1:
@@ -342,15 +422,12 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     if rt.main:
         atomic_write_json(out / "config.json", cfg.to_dict())
 
-    use_amp = r.amp and rt.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     weights = torch.tensor(kd.teacher_weights, device=rt.device) if kd.teacher_weights else None
+    loop = Loop(model, data, spec, optimizer, scheduler, scaler, precision, rt, r, kd, pad, flip, teachers, cache, weights)
     resumed_s = state["elapsed_s"]
     for epoch in range(state["epoch"] + 1, r.epochs + 1):
         t0 = time.perf_counter()
-        train_loss, train_acc = _train_epoch(
-            model, data, spec, optimizer, scheduler, scaler, use_amp, rt, epoch, r, kd, pad, flip,
-            teachers, cache, weights, on_step)
+        train_loss, train_acc = _train_epoch(loop, epoch, on_step)
         val_logits = predict_logits(unwrap(model), data.val_x, spec, rt.device, r.eval_batch_size)
         val_loss = float(nn.functional.cross_entropy(val_logits, data.val_y))
         val_acc = accuracy(val_logits, data.val_y)
@@ -363,8 +440,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
             if val_acc > state["best_val_acc"]:
                 state["best_val_acc"], state["best_epoch"] = val_acc, epoch
                 save_checkpoint(out / "best.pt", model, meta, epoch=epoch, val_acc=val_acc)
-            save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), torch_rng=torch.get_rng_state(), **state)
+            save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(),
+                            **_resume_state(optimizer, scheduler, scaler, rt.device), **state)
             _write_history(out, state["history"])
         if on_step:
             on_step("epoch", epoch, r.epochs, record)
@@ -434,52 +511,64 @@ def _scheduler(optimizer, r, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _train_epoch(model, data, spec, optimizer, scheduler, scaler, use_amp, rt, epoch, r, kd, pad, flip,
-                 teachers, cache, weights, on_step):
-    model.train()
-    n = len(data.train_x)
-    gen = torch.Generator().manual_seed(r.seed * 100003 + epoch)
+@dataclass(frozen=True)
+class Loop:
+    """What every training step reads, fixed for the run."""
+
+    model: nn.Module  # DistributedDataParallel-wrapped under torchrun
+    data: ImageData
+    spec: InputSpec
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    rt: Runtime
+    recipe: RecipeConfig
+    kd: KDConfig
+    pad: int
+    flip: bool
+    teachers: list[FunctionTeacher]
+    cache: TeacherCache | None
+    weights: torch.Tensor | None  # (M,) on the training device
+
+
+@dataclass(frozen=True)
+class EpochOrder:
+    """One epoch's draws, made in this order from a generator seeded by (seed, epoch)."""
+
+    perm: torch.Tensor  # (N / world,) this process's share of the shuffled image indices
+    view: torch.Tensor | None  # (N,) cached view per image
+    fresh: torch.Tensor  # (N, 3) fresh augmentation per image
+
+
+def _epoch_order(loop: Loop, epoch: int) -> EpochOrder:
+    n, rt = len(loop.data.train_x), loop.rt
+    gen = torch.Generator().manual_seed(loop.recipe.seed * 100003 + epoch)
     perm = torch.randperm(n, generator=gen)
     per_rank = n // rt.world
     perm = perm[rt.rank * per_rank:(rt.rank + 1) * per_rank] if rt.world > 1 else perm
-    view = torch.randint(0, cache.params.shape[0], (n,), generator=gen) if cache is not None else None
-    fresh = augment_params(n, pad, flip, gen)
-    batch = max(1, r.batch_size // rt.world)
-    steps = math.ceil(len(perm) / batch)
-    loss_sum = torch.zeros((), device=rt.device)
-    correct = torch.zeros((), device=rt.device)
+    view = torch.randint(0, loop.cache.params.shape[0], (n,), generator=gen) if loop.cache is not None else None
+    return EpochOrder(perm, view, augment_params(n, loop.pad, loop.flip, gen))
+
+
+def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float, float]:
+    """One pass over this process's share of the training images: (mean loss, accuracy %)."""
+    loop.model.train()
+    order = _epoch_order(loop, epoch)
+    batch = max(1, loop.recipe.batch_size // loop.rt.world)
+    steps = math.ceil(len(order.perm) / batch)
+    loss_sum = torch.zeros((), device=loop.rt.device)
+    correct = torch.zeros((), device=loop.rt.device)
     seen = 0
     for step in range(steps):
-        idx = perm[step * batch:(step + 1) * batch]
-        x_u8 = data.train_x[idx].to(rt.device, non_blocking=True)
-        y = data.train_y[idx].to(rt.device, non_blocking=True)
-        t_logits = None
-        if cache is not None:
-            v = view[idx]
-            params = cache.params[v, idx]
-            t_logits = cache.logits[:, v, idx].to(rt.device).float()  # (M, B, K)
-        else:
-            params = fresh[idx] if (pad or flip) else None
-        x_unit = to_unit(apply_augment(x_u8, params, pad))
-        if teachers and cache is None:
-            t_logits = torch.stack([t(x_unit) for t in teachers]).to(rt.device)
-        n_fresh = round(len(idx) * kd.fresh_share) if cache is not None and (pad or flip) else 0
-        if n_fresh:  # the same images again, freshly augmented, in the same forward pass
-            x_unit = torch.cat([x_unit, to_unit(apply_augment(x_u8[:n_fresh], fresh[idx[:n_fresh]], pad))])
-        with torch.autocast(rt.device.type, dtype=torch.float16, enabled=use_amp):
-            logits = model(spec(x_unit))
-        logits, fresh_logits = logits[:len(idx)], logits[len(idx):]
-        loss = losses.distillation_loss(logits, y, t_logits, alpha=kd.alpha, temperature=kd.temperature,
-                                        weights=weights, label_smoothing=r.label_smoothing)
-        if n_fresh:
-            loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], r.label_smoothing)
-        if not torch.isfinite(loss):
-            raise EdgeKDError(f"loss became {float(loss.detach())} at epoch {epoch}, step {step + 1}; lower the learning rate (--lr)")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        idx = order.perm[step * batch:(step + 1) * batch]
+        loss, logits, y = _forward(loop, order, idx)
+        _check_finite(loss, loop.rt, epoch, step + 1)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        loop.scheduler.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
@@ -488,17 +577,81 @@ def _train_epoch(model, data, spec, optimizer, scheduler, scaler, use_amp, rt, e
     return float(loss_sum) / seen, float(correct) / seen * 100.0
 
 
-def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler) -> dict:
-    ckpt = load_checkpoint(path)
-    saved = dict(ckpt.get("config", {}))
-    now = cfg.to_dict()
-    if saved != now:
-        raise EdgeKDError(f"{path.parent} was started with a different config; resume with the same options or use a new --out")
-    unwrap(model).load_state_dict(ckpt["state_dict"])
+def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor):
+    """The loss of one batch, with the student's logits for its images and their labels."""
+    rt, kd, pad = loop.rt, loop.kd, loop.pad
+    x_u8 = loop.data.train_x[idx].to(rt.device, non_blocking=True)
+    y = loop.data.train_y[idx].to(rt.device, non_blocking=True)
+    params, t_logits = _batch_views(loop.cache, order, idx, rt.device, augment=bool(pad or loop.flip))
+    x_unit = to_unit(apply_augment(x_u8, params, pad))
+    if loop.teachers and loop.cache is None:
+        t_logits = _teacher_logits(loop.teachers, x_unit, rt.device)
+    n_fresh = round(len(idx) * kd.fresh_share) if loop.cache is not None and (pad or loop.flip) else 0
+    if n_fresh:  # the same images again, freshly augmented, in the same forward pass
+        x_unit = torch.cat([x_unit, to_unit(apply_augment(x_u8[:n_fresh], order.fresh[idx[:n_fresh]], pad))])
+    with loop.precision.context(rt.device):
+        logits = loop.model(loop.spec(x_unit))
+    logits, fresh_logits = logits[:len(idx)], logits[len(idx):]
+    loss = losses.distillation_loss(logits, y, t_logits, alpha=kd.alpha, temperature=kd.temperature,
+                                    weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
+    if n_fresh:
+        loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], loop.recipe.label_smoothing)
+    return loss, logits, y
+
+
+def _batch_views(cache: TeacherCache | None, order: EpochOrder, idx: torch.Tensor, device: torch.device,
+                 augment: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Each image's augmentation ``(B, 3)`` (None: none) and, from the cache, its view's teacher
+    logits ``(M, B, K)`` in float32 on ``device`` (None without a cache). The cache stays on the CPU."""
+    if cache is None:
+        return (order.fresh[idx] if augment else None), None
+    v = order.view[idx]
+    return cache.params[v, idx], cache.logits[:, v, idx].to(device).float()
+
+
+def _teacher_logits(teachers: list[FunctionTeacher], x_unit: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Teacher logits ``(M, B, K)`` on ``device``; teachers answer on the CPU (numpy runtimes) or their own device."""
+    return torch.stack([t(x_unit).to(device).float() for t in teachers])
+
+
+def _resume_state(optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device) -> dict:
+    """What ``last.pt`` holds besides the weights so that a resumed run continues as an uninterrupted
+    one: optimizer, schedule, GradScaler, and the RNGs that dropout and random layers draw from
+    (torch's CPU generator; on CUDA this process's device: every rank seeds and draws alike, and
+    ``get_rng_state_all`` would open a context on every visible GPU). Batch order and augmentation
+    come from per-epoch seeded generators; numpy and Python's ``random`` are not used in training."""
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _load_resume_state(ckpt: dict, optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device) -> None:
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):  # {} when saved without fp16 (a disabled scaler): a fresh scaler is what it had
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+
+
+def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler, device) -> dict:
+    ckpt = load_checkpoint(path)
+    if not _same_config(ckpt.get("config", {}), cfg):
+        raise EdgeKDError(f"{path.parent} was started with a different config; resume with the same options or use a new --out")
+    unwrap(model).load_state_dict(ckpt["state_dict"])
+    _load_resume_state(ckpt, optimizer, scheduler, scaler, device)
     return {k: ckpt[k] for k in ("epoch", "best_val_acc", "best_epoch", "history", "elapsed_s")}
+
+
+def _same_config(saved: dict, cfg: DistillConfig) -> bool:
+    """Whether a run's saved config is ``cfg``; fields added since it was saved take their defaults."""
+    try:
+        return distill_config_from_dict(saved).to_dict() == cfg.to_dict()
+    except EdgeKDError:  # a key this version does not know
+        return False
 
 
 def _load_best(out: Path, device):

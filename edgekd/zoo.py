@@ -347,7 +347,8 @@ class ForeignInput:
     std: tuple[float, ...] = (1.0,)
 
     def prepare(self, x_unit: torch.Tensor) -> np.ndarray:
-        x = x_unit
+        """A [0, 1] batch ``(B, C, H, W)`` on any device as the float32 numpy array the model reads."""
+        x = x_unit.detach().cpu().float()  # the runtimes are numpy-based; a CUDA batch cannot meet CPU constants
         if self.channels and x.shape[1] != self.channels:
             if x.shape[1] == 1 and self.channels == 3:
                 x = x.expand(-1, 3, -1, -1)
