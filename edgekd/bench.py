@@ -152,7 +152,14 @@ def _load_onnx(path: Path, threads: int) -> Loaded:
 def _onnx_nodes(path: Path):
     import onnx
 
-    return onnx.load(str(path), load_external_data=False).graph.node
+    try:
+        return onnx.load(str(path), load_external_data=False).graph.node
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
+        raise EdgeKDError(f"onnx could not parse {path.name} ({_first_line(exc)}); export it again") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @RUNTIMES.register("tflite")
@@ -464,10 +471,7 @@ def _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmu
     if loaded.channels not in (1, 3) or (loaded.channels == 1 and data.channels == 3):
         raise EdgeKDError(f"{spec.name} takes {loaded.channels}-channel input, the data has {data.channels} channels")
     x = fit_input(to_unit(x_u8), loaded.channels, loaded.input_size).numpy()  # (N, C, H, W) in [0, 1]
-    scores = loaded.predict(x)
-    if scores.ndim != 2 or scores.shape[1] != data.num_classes:
-        raise EdgeKDError(f"{spec.name} outputs {scores.shape[1:]} scores per image, the data has "
-                          f"{data.num_classes} classes")
+    scores = _scores(spec, loaded, x, data.num_classes)
     pred = scores.argmax(1)
     params, macs = loaded.params, loaded.macs
     if loaded.source is not None and params is None:
@@ -481,8 +485,43 @@ def _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmu
     row = BenchRow(
         spec.name, str(spec.path), spec.role, "ok", None, loaded.format, loaded.runtime, loaded.precision,
         spec.path.stat().st_size, params, macs, acc["top1"], acc["top5"], None, acc["per_class"], acc["confusion"], latency, batch / (batch_stats.p50_ms / 1e3), batch,
+        warnings=tuple(w for w in [_resize_warning(spec, loaded, data)] if w),
         source=str(loaded.source) if loaded.source else None, init=_backbone_init(loaded.source or spec.path))
     return row, pred
+
+
+def _scores(spec: ModelSpec, loaded: Loaded, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """The model's (N, K) scores on the test images; a runtime error or non-finite output is the row's failure."""
+    try:
+        scores = np.asarray(loaded.predict(x))
+    except EdgeKDError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the runtime refusing a user's file is a finding, not a crash
+        raise EdgeKDError(f"{loaded.runtime} failed running {spec.path.name} ({_first_line(exc)}); "
+                          "the file may be damaged: export it again") from None
+    if scores.ndim != 2 or scores.shape[1] != num_classes:
+        raise EdgeKDError(f"{spec.name} outputs {scores.shape[1:]} scores per image, the data has "
+                          f"{num_classes} classes")
+    if not np.isfinite(scores).all():
+        raise EdgeKDError(f"{spec.path.name} outputs NaN or infinite scores; its weights are damaged: export it again")
+    return scores
+
+
+def _resize_warning(spec: ModelSpec, loaded: Loaded, data) -> str | None:
+    """A warning when the model's input size differs from the data's images, unless its run chose that
+    size on purpose (``model.input_size`` in its config.json): resized images can score near chance."""
+    from edgekd.files import read_json
+
+    model_hw, data_hw = tuple(loaded.input_size), tuple(data.image_size)
+    if model_hw == data_hw:
+        return None
+    ckpt = loaded.source or (spec.path if spec.path.suffix in (".pt", ".pth") else None)
+    chosen = read_json(ckpt.parent / "config.json").get("model", {}).get("input_size") if ckpt else None
+    if chosen is not None and (chosen, chosen) == model_hw:
+        return None
+    return (f"{spec.name}: model input is {model_hw[0]}x{model_hw[1]} pixels but the {data.name} images are "
+            f"{data_hw[0]}x{data_hw[1]}; they were resized to fit, so this accuracy may mean little: "
+            "benchmark it on the data it was trained on (--data)")
 
 
 def _backbone_init(ckpt: Path) -> str | None:
@@ -554,7 +593,7 @@ def _with_deltas(rows: list[BenchRow], teacher: BenchRow | None) -> list[BenchRo
         vs_t = delta(r, teacher) if teacher is not None and teacher.status == "ok" and r is not teacher else None
         base = fp32_counterpart(r, rows)
         vs_f = delta(r, base) if base is not None else None
-        warnings = []
+        warnings = list(r.warnings)
         if r.precision == "int8" and vs_f is not None and vs_f.speedup is not None and vs_f.speedup < 1.0:
             warnings.append(_slow_int8_warning(r, base, vs_f))
         out.append(dataclasses.replace(r, vs_teacher=vs_t, vs_fp32=vs_f, warnings=tuple(warnings)))

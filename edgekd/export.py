@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from edgekd.checkpoint import load_model
-from edgekd.files import atomic_copy, atomic_write_json, clean_stale_temps, temp_dir
+from edgekd.files import atomic_write_bytes, clean_stale_temps, temp_dir
 from edgekd.data import ImageData, load_data, to_unit
 from edgekd.errors import EdgeKDError
 
@@ -58,6 +60,7 @@ class FoldedConv(nn.Module):
     the raw pixel ``mean``; after folding they see raw 0. The difference does not depend on the
     input, so one constant (1, C_out, H_out, W_out) tensor added after the convolution makes the
     folded layer exact, at the cost of fixing the input size (which deployed models have anyway).
+    Without padding, or with a zero mean, there is nothing to correct and no constant is added.
     """
 
     def __init__(self, conv: nn.Conv2d, border: torch.Tensor | None) -> None:
@@ -87,19 +90,36 @@ def fold_input_normalization(model: nn.Module, mean, std, channels: int, size: t
     mean_t, std_t = torch.tensor(mean, dtype=w.dtype), torch.tensor(std, dtype=w.dtype)
     w_raw = w / std_t.view(1, -1, 1, 1)
     b_raw = b - (w * (mean_t / std_t).view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
-    with torch.no_grad():
-        zero_norm = (-mean_t / std_t).view(1, -1, 1, 1).expand(1, channels, *size)  # raw 0 after normalization
-        border = conv(zero_norm) - b_raw.view(1, -1, 1, 1)
+    border = border_map(conv, mean_t / std_t, size)
     if channels == 1:
         w_raw = w_raw * torch.tensor(LUMA, dtype=w.dtype).view(1, 3, 1, 1)  # (O, 1, k, k) -> (O, 3, k, k)
     new = nn.Conv2d(3, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=True)
     with torch.no_grad():
         new.weight.copy_(w_raw)
         new.bias.copy_(b_raw)
-    folded = FoldedConv(new, border if border.abs().max() > 1e-7 else None)
+    folded = FoldedConv(new, border)
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, folded)
     return model
+
+
+def border_map(conv: nn.Conv2d, shift: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
+    """What the zero-padded taps of ``conv`` add once ``shift`` (= mean / std, per input channel) is
+    folded into its bias: (1, C_out, H_out, W_out), exactly zero where a tap window lies inside the
+    image. None when nothing is padded or every entry is zero (e.g. a zero mean): no constant at all.
+    """
+    if conv.padding == "valid" or (not isinstance(conv.padding, str) and not any(conv.padding)):
+        return None
+    with torch.no_grad():
+        weight = conv.weight.detach()
+        shifted = shift.view(1, -1, 1, 1).expand(1, conv.in_channels, *size)
+        all_taps = (weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        inside = F.conv2d(shifted, weight, None, conv.stride, conv.padding, conv.dilation)
+        taps = F.conv2d(torch.ones(1, 1, *size), torch.ones(1, 1, *conv.kernel_size), None, conv.stride,
+                        conv.padding, conv.dilation)  # in-image taps per output position (exact small integers)
+        full = conv.kernel_size[0] * conv.kernel_size[1]
+        border = (all_taps - inside) * (taps < full).to(weight.dtype)
+    return border if bool(border.abs().max() > 0) else None
 
 
 class RGBInput(nn.Module):
@@ -229,31 +249,30 @@ def export(
     if list(data.classes) != list(meta["classes"]):
         raise EdgeKDError(f"{checkpoint} was trained on classes {meta['classes']}, the data has {list(data.classes)}")
     out = Path(out_dir) if out_dir else checkpoint.parent / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     net, how = deploy_net(model, meta)
     meta = {**meta, "normalization": how}
     x = model_input(meta, check_samples(data, samples))
     with torch.no_grad():
         reference = Deployable(model, meta["mean"], meta["std"]).eval()(x).numpy()
     x = rgb(x)
-    artifacts: list[Artifact] = []
-    with temp_dir(out / "export") as tmp:
-        if on_step:
-            on_step(f"onnx: exporting (normalization {how}) and checking with onnxruntime")
-        onnx_tmp = to_onnx(net, x, tmp / "model.onnx")
-        onnx_art = check_onnx(onnx_tmp, x, reference, "fp32")
-        if "onnx" in formats:
-            artifacts.append(_place(onnx_art, out / "model.onnx", meta, checkpoint))
-        if "tflite" in formats:
-            if on_step:
-                on_step("tflite: converting with onnx2tf and checking with LiteRT")
-            files = onnx_to_tflite(to_onnx(net, x, tmp / "model_b1.onnx", dynamic_batch=False), tmp / "tf")
-            wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])
-            for precision, path in wanted:
-                art = check_tflite(path, x, reference, precision)
-                artifacts.append(_place(art, out / f"model_{precision}.tflite", meta, checkpoint))
+    with staged_output(out, "export") as (tmp, journal):
+        checked = _export_checked(net, x, reference, formats, fp16, tmp, how, on_step)
+        artifacts = [_place(art, out / name, meta, checkpoint, journal) for name, art in checked]
     return ExportResult(checkpoint, tuple(artifacts))
+
+
+def _export_checked(net, x, reference, formats, fp16, tmp, how, on_step) -> list[tuple[str, Artifact]]:
+    """Every requested file written and checked inside ``tmp``, with the name it will have."""
+    step = on_step or (lambda _msg: None)
+    step(f"onnx: exporting (normalization {how}) and checking with onnxruntime")
+    onnx_art = check_onnx(to_onnx(net, x, tmp / "model.onnx"), x, reference, "fp32")
+    checked = [("model.onnx", onnx_art)] if "onnx" in formats else []
+    if "tflite" in formats:
+        step("tflite: converting with onnx2tf and checking with LiteRT")
+        files = onnx_to_tflite(to_onnx(net, x, tmp / "model_b1.onnx", dynamic_batch=False), tmp / "tf")
+        wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])
+        checked += [(f"model_{p}.tflite", check_tflite(path, x, reference, p)) for p, path in wanted]
+    return checked
 
 
 def check_samples(data: ImageData, n: int) -> torch.Tensor:
@@ -289,7 +308,12 @@ def onnx_session(path: Path, threads: int = 1):
     opts.inter_op_num_threads = 1
     # Spinning threads on 2 cores multiplied p90 latency ~7x (MEASURED.md); never spin.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+        reason = str(exc).splitlines()[0].split(" : ")[-1] if str(exc) else type(exc).__name__
+        raise EdgeKDError(f"onnxruntime could not load {Path(path).name} ({reason}); export it again if it is "
+                          "truncated or damaged, or update onnxruntime if it names an unsupported operator") from None
 
 
 def run_onnx(path_or_session, x_nchw: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -461,14 +485,86 @@ def check_tflite(path: Path, x: torch.Tensor, reference: np.ndarray, precision: 
                     len(x), {"quantization": runner.quantization()})
 
 
-def _place(art: Artifact, dest: Path, meta: dict, source: Path, status: str = "ok") -> Artifact:
-    """Move a checked file into place (atomic rename) and write its sidecar.
+def _place(art: Artifact, dest: Path, meta: dict, source: Path, journal: Journal, status: str = "ok") -> Artifact:
+    """Move a checked file into place (atomic rename, recorded in ``journal``) and write its sidecar.
 
     The sidecar names the checkpoint the file came from, relative to the file's folder, so a
     run directory can be moved and still be traced."""
-    atomic_copy(art.path, dest)
+    journal.put(dest, lambda tmp: os.replace(art.path, tmp))
     placed = Artifact(**{**art.__dict__, "path": dest})
-    atomic_write_json(dest.with_name(dest.name + ".json"),
-                      {**placed.to_dict(), "status": status, "source_checkpoint": os.path.relpath(source, dest.parent),
-                       "preprocessing": preprocessing(meta, art.layout)})
+    sidecar = {**placed.to_dict(), "status": status, "source_checkpoint": os.path.relpath(source, dest.parent),
+               "preprocessing": preprocessing(meta, art.layout)}
+    journal.put(dest.with_name(dest.name + ".json"), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
     return placed
+
+
+class Journal:
+    """Files put into place by one command, so that a failure later in it can undo them all.
+
+    A file that existed is kept as a hard link (no extra space) until the command succeeds;
+    ``undo`` removes the new files and puts the old ones back.
+    """
+
+    def __init__(self, backup_dir: Path) -> None:
+        self.backup_dir = backup_dir
+        self.placed: list[tuple[Path, Path | None]] = []  # (destination, the file it replaced)
+
+    def put(self, dest: Path, write: Callable[[Path], object]) -> None:
+        """``write(tmp)`` then rename onto ``dest`` (``files.atomic_write_bytes``), remembering what was there."""
+        saved = None
+        if dest.is_file():
+            self.backup_dir.mkdir(parents=True, exist_ok=True)
+            saved = self.backup_dir / f"{len(self.placed)}-{dest.name}"
+            _link_or_copy(dest, saved)
+        self.placed.append((dest, saved))
+        atomic_write_bytes(dest, write)
+
+    def undo(self) -> None:
+        for dest, saved in reversed(self.placed):
+            if saved is not None:
+                os.replace(saved, dest)
+            else:
+                dest.unlink(missing_ok=True)
+        self.placed.clear()
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # file systems without hard links
+        shutil.copy2(src, dest)
+
+
+@contextmanager
+def staged_output(out: Path, name: str):
+    """``out`` made if needed, a temporary work folder inside it and a ``Journal``.
+
+    When the block fails, every file the journal put is undone, the work folder removed, and
+    ``out`` itself removed again when this call made it: the disk holds what it held before.
+    """
+    made = _missing_folders(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    try:
+        with temp_dir(out / name) as tmp:
+            journal = Journal(tmp / "replaced")
+            try:
+                yield tmp, journal
+            except BaseException:
+                journal.undo()
+                raise
+    except BaseException:
+        for folder in made:  # innermost first; only if still empty
+            with suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing

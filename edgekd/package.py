@@ -3,17 +3,17 @@
 The bundle holds ``model.tflite`` with TFLite metadata (one mean/std over 0-255 pixels and the
 labels file, zipped into the model as MediaPipe expects), the ONNX files, ``labels.txt``,
 ``model.json`` (everything an app needs to feed the model), ``MODEL_CARD.md``, ``README.md`` with
-Kotlin and Swift snippets for this exact model, and ``SHA256SUMS``. It is written to a temporary
-folder, loaded back through LiteRT, MediaPipe's ImageClassifier and onnxruntime on real test
-images, and only then moved into place.
+Kotlin and Swift snippets for this exact model, ``SHA256SUMS`` and the ``.edgekd-bundle`` marker
+listing the files edgekd wrote. It is written to a temporary folder, loaded back through LiteRT,
+MediaPipe's ImageClassifier and onnxruntime on real test images, and only then moved into place:
+into a new or empty folder, or over an earlier bundle, whose listed files alone are replaced.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgekd.files import read_json
+from edgekd.files import clean_stale_temps, read_json, sha256_file, temp_dir
 from edgekd.errors import EdgeKDError
 
 BUNDLE_SCHEMA = "edgekd.bundle/1"
@@ -303,15 +303,43 @@ def package(
 ) -> PackageResult:
     """Write a verified app bundle for the int8 (or fp32) TFLite model of a run, checkpoint or file.
 
+    ``out_dir`` must be new, empty, or a bundle edgekd wrote (its ``.edgekd-bundle`` marker lists
+    the files it may replace); ``<out_dir>.zip`` is only overwritten when edgekd made it.
+
     Example:
         >>> res = package("runs/default", out_dir="bundle")  # doctest: +SKIP
-        >>> res.passed, res.files[:2]  # doctest: +SKIP
-        (True, ('MODEL_CARD.md', 'README.md'))
+        >>> res.passed, res.files[:3]  # doctest: +SKIP
+        (True, ('.edgekd-bundle', 'MODEL_CARD.md', 'README.md'))
     """
-    from edgekd.bench import bench
-    from edgekd.export import resolve_data
+    from edgekd.export import Journal
 
     step = on_step or (lambda _msg: None)
+    sources, names, desc, data = _inputs(source, precision, labels, data)
+    out = Path(out_dir)
+    zip_path = out.with_name(out.name + ".zip") if make_zip else None
+    check_destination(out, zip_path)  # refuse before the slow part
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out.parent)
+    with temp_dir(out) as tmp:
+        folder = tmp / "bundle"
+        folder.mkdir()
+        checks = write_bundle(folder, sources, names, desc, data, precision, bench_runs, bench_seconds, step)
+        journal = Journal(tmp / "replaced")
+        try:
+            if zip_path is not None:
+                step("zipping")
+                journal.put(zip_path, lambda t: _write_zip(folder, t))
+            _place_bundle(folder, out, journal)
+        except BaseException:
+            journal.undo()
+            raise
+    return PackageResult(out, tuple(sorted(p.name for p in out.iterdir())), checks, zip_path)
+
+
+def _inputs(source, precision: str, labels, data) -> tuple[Sources, list[str], dict, object]:
+    """The model files, labels, TFLite description and dataset of a bundle, checked against each other."""
+    from edgekd.export import resolve_data
+
     sources = locate(source, precision, labels)
     names = read_labels(sources, labels)
     desc = describe_tflite(sources.tflite)
@@ -323,54 +351,112 @@ def package(
     data = resolve_data(sources.checkpoint, data)
     if list(data.classes) != names:
         raise EdgeKDError(f"the data's classes {list(data.classes)[:5]}... differ from the model's labels {names[:5]}...")
-    out = Path(out_dir)
-    if out.exists() and not (out / "model.json").is_file():
-        raise EdgeKDError(f"{out} exists and is not an edgekd bundle; choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return sources, names, desc, data
+
+
+def write_bundle(folder: Path, sources: Sources, names: list[str], desc: dict, data, precision: str,
+                 bench_runs: int, bench_seconds: float, step: Callable[[str], None]) -> tuple[Check, ...]:
+    """Every bundle file written into ``folder``, benchmarked and loaded back; returns the checks."""
+    from edgekd.bench import bench
+
     norm = metadata_normalization(desc)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as tmp:
-        tmp = Path(tmp)
-        step("writing model.tflite with metadata and labels")
-        (tmp / "model.tflite").write_bytes(with_metadata(
-            sources.tflite.read_bytes(), names, name=f"edgekd {data.name} classifier",
-            description=f"{len(names)}-class image classifier ({precision}) distilled with edgekd",
-            version=_version(), normalization=norm, input_dtype=desc["input_dtype"]))
-        for f in sources.onnx:
-            shutil.copyfile(f, tmp / f.name)
-        (tmp / "labels.txt").write_text("\n".join(names) + "\n")
-        step("benchmarking the bundle's files (accuracy on the test split, batch-1 latency)")
-        models = ([sources.teacher] if sources.teacher else []) + ([sources.checkpoint] if sources.checkpoint else [])
-        models += [tmp / "model.tflite", *(tmp / f.name for f in sources.onnx)]
-        report = bench(models, data=data, teacher=sources.teacher, min_runs=bench_runs, min_seconds=bench_seconds)
-        step("loading the bundle back: LiteRT, MediaPipe ImageClassifier, onnxruntime")
-        checks = verify(tmp, data, report, names, norm)
-        manifest = bundle_json(sources, desc, names, norm, precision, report, checks)
-        (tmp / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "MODEL_CARD.md").write_text(model_card(sources, data, manifest, report))
-        (tmp / "README.md").write_text(bundle_readme(manifest))
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        (tmp / "SHA256SUMS").write_text("".join(f"{_sha256(tmp / n)}  {n}\n" for n in files))
-        checks += (check_sums(tmp),)
+    step("writing model.tflite with metadata and labels")
+    (folder / "model.tflite").write_bytes(with_metadata(
+        sources.tflite.read_bytes(), names, name=f"edgekd {data.name} classifier",
+        description=f"{len(names)}-class image classifier ({precision}) distilled with edgekd",
+        version=_version(), normalization=norm, input_dtype=desc["input_dtype"]))
+    for f in sources.onnx:
+        shutil.copyfile(f, folder / f.name)
+    (folder / "labels.txt").write_text("\n".join(names) + "\n")
+    step("benchmarking the bundle's files (accuracy on the test split, batch-1 latency)")
+    models = ([sources.teacher] if sources.teacher else []) + ([sources.checkpoint] if sources.checkpoint else [])
+    models += [folder / "model.tflite", *(folder / f.name for f in sources.onnx)]
+    report = bench(models, data=data, teacher=sources.teacher, min_runs=bench_runs, min_seconds=bench_seconds)
+    step("loading the bundle back: LiteRT, MediaPipe ImageClassifier, onnxruntime")
+    checks = verify(folder, data, report, names, norm)
+    manifest = bundle_json(sources, desc, names, norm, precision, report, checks)
+    (folder / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (folder / "MODEL_CARD.md").write_text(model_card(sources, data, manifest, report))
+    (folder / "README.md").write_text(bundle_readme(manifest))
+    files = sorted([p.name for p in folder.iterdir() if p.is_file()] + [MARKER])
+    (folder / MARKER).write_text(json.dumps({"schema": MARKER_SCHEMA, "files": files + ["SHA256SUMS"],
+                                             "edgekd_version": _version()}, indent=2) + "\n")
+    (folder / "SHA256SUMS").write_text("".join(f"{sha256_file(folder / n)}  {n}\n" for n in files))
+    return checks + (check_sums(folder),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the bundle goes: only into a new or empty folder, or over a bundle edgekd wrote.
+
+MARKER = ".edgekd-bundle"  # in every bundle (and its zip): the files edgekd wrote there
+MARKER_SCHEMA = "edgekd.bundle-marker/1"
+
+
+def check_destination(out: Path, zip_path: Path | None) -> list[str]:
+    """The names now in ``out`` (all edgekd's bundle files), or refuse: a non-empty folder without
+    edgekd's marker, a bundle with foreign files in it, or a zip edgekd did not make."""
+    if out.exists() and not out.is_dir():
+        raise EdgeKDError(f"--out {out} is a file; choose a new folder for the bundle")
+    if zip_path is not None and zip_path.exists() and not _is_bundle_zip(zip_path):
+        raise EdgeKDError(f"{zip_path} exists and is not a bundle zip edgekd made; move it away or choose another --out")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not present:
+        return []
+    listed = _marker_files(out)
+    if listed is None:
+        raise EdgeKDError(f"{out} is not empty and is not an edgekd bundle (no {MARKER} marker); "
+                          "choose a new or empty --out")
+    foreign = [n for n in present if n not in listed]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise EdgeKDError(f"{out} is an edgekd bundle but also holds files edgekd did not write ({shown}); "
+                          "move them away or choose a new --out")
+    return present
+
+
+def _marker_files(folder: Path) -> list[str] | None:
+    marker = read_json(folder / MARKER)
+    files = marker.get("files")
+    if marker.get("schema") != MARKER_SCHEMA or not isinstance(files, list):
+        return None
+    return [str(n) for n in files]
+
+
+def _is_bundle_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return json.loads(z.read(MARKER)).get("schema") == MARKER_SCHEMA
+    except (OSError, KeyError, ValueError, AttributeError, zipfile.BadZipFile):
+        return False
+
+
+def _write_zip(folder: Path, dest: Path) -> None:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(folder.iterdir()):
+            z.write(p, p.name)
+
+
+def _place_bundle(folder: Path, out: Path, journal) -> None:
+    """Move the built bundle to ``out``: one rename into a new or empty folder, otherwise file by file
+    over the old bundle (through ``journal``, so a failure restores it), then drop its stale files."""
+    old = check_destination(out, None)  # again: the folder may have changed during the benchmark
+    if not old:
         if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    zip_path = None
-    if make_zip:
-        step("zipping")
-        zip_tmp = shutil.make_archive(str(out.parent / f".{out.name}.zip-tmp"), "zip", root_dir=out)
-        zip_path = out.with_suffix(".zip")
-        Path(zip_tmp).replace(zip_path)
-    return PackageResult(out, tuple(sorted(p.name for p in out.iterdir())), checks, zip_path)
+            out.rmdir()
+        os.replace(folder, out)
+        return
+    new = sorted(p.name for p in folder.iterdir())
+    for name in new:
+        journal.put(out / name, lambda t, src=folder / name: os.replace(src, t))
+    for name in sorted(set(old) - set(new)):  # names seen in ``out`` and listed by its marker
+        if (out / name).is_file():
+            (out / name).unlink()
 
 
 def _version() -> str:
     from edgekd import __version__
 
     return __version__
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_sums(folder: Path) -> Check:
@@ -380,7 +466,7 @@ def check_sums(folder: Path) -> Check:
         digest, name = line.split("  ", 1)
         listed[name] = digest
     present = {p.name for p in folder.iterdir() if p.is_file() and p.name != "SHA256SUMS"}
-    bad = [n for n, d in listed.items() if not (folder / n).is_file() or _sha256(folder / n) != d]
+    bad = [n for n, d in listed.items() if not (folder / n).is_file() or sha256_file(folder / n) != d]
     missing = sorted(present - set(listed))
     ok = not bad and not missing
     return Check("checksums", ok, f"{len(listed)} files match SHA256SUMS" if ok else f"mismatch: {bad}, unlisted: {missing}")

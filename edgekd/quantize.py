@@ -9,7 +9,9 @@ split through their own runtimes, next to their fp32 counterparts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 
 from edgekd.bench import time_calls
 from edgekd.checkpoint import load_model
-from edgekd.files import atomic_write_json, clean_stale_temps, temp_dir
+from edgekd.files import read_json
 from edgekd.data import ImageData
 from edgekd.errors import EdgeKDError
 from edgekd.export import (
@@ -28,6 +30,7 @@ from edgekd.export import (
     Deployable,
     TFLiteRunner,
     _place,
+    staged_output,
     check_onnx,
     check_tflite,
     deploy_net,
@@ -80,6 +83,7 @@ class QuantizeResult:
     calibration: Calibration
     models: tuple[QuantizedModel, ...]
     max_drop: float | None
+    checkpoint: Path | None = None  # the edgekd checkpoint that was quantized
 
     @property
     def passed(self) -> bool:
@@ -132,53 +136,66 @@ def quantize(
         raise EdgeKDError(f"unknown --io {io!r}; choose from {', '.join(IO_TYPES)}")
     if activation_type not in ("auto", "uint8", "int8"):
         raise EdgeKDError("--activation-type must be auto, uint8 or int8")
-    checkpoint = _checkpoint_for(Path(model))
+    checkpoint = checkpoint_for(Path(model))
     net_model, meta = load_model(checkpoint)
     data = resolve_data(checkpoint, data)
     out = Path(out_dir) if out_dir else checkpoint.parent / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     calib = calibration_sample(data, calib_size)
-    calib_x = rgb(model_input(meta, data.train_x[list(calib.indices)]))
-    test_x = rgb(model_input(meta, data.test_x))
-    test_y = data.test_y.numpy()
     net, how = deploy_net(net_model, meta)
     meta = {**meta, "normalization": how}
     check_x = model_input(meta, check_samples(data, 256))
     with torch.no_grad():
         reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()
-    check_x = rgb(check_x)
-    models = []
-    with temp_dir(out / "quantize") as tmp:
-        onnx_fp32 = to_onnx(net, check_x, tmp / "model.onnx")
-        fp32_art = check_onnx(onnx_fp32, check_x, reference, "fp32")
-        if "onnx" in formats:
-            if on_step:
-                on_step("onnx: static int8 quantization with onnxruntime")
-            models.append(_quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x, test_y,
-                                         activation_type))
-        if "tflite" in formats:
-            if on_step:
-                on_step("tflite: full-integer conversion with onnx2tf")
-            onnx_b1 = to_onnx(net, check_x, tmp / "model_b1.onnx", dynamic_batch=False)  # TFLite: batch 1
-            models.append(_quantize_tflite(onnx_b1, tmp, calib_x, check_x, reference, test_x, test_y, io))
-        result = QuantizeResult(calib, tuple(models), max_drop)
+    inputs = _Inputs(rgb(check_x), reference, rgb(model_input(meta, data.train_x[list(calib.indices)])),
+                     rgb(model_input(meta, data.test_x)), data.test_y.numpy())
+    with staged_output(out, "quantize") as (tmp, journal):
+        models = _quantize_formats(net, inputs, tmp, formats, activation_type, io, on_step)
         placed = []
-        for m in result.models:
+        for m in models:
             status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
             fp32_name, int8_name = FILE_NAMES[m.format]
-            fp32 = _place(m.fp32, out / fp32_name, meta, checkpoint)
-            int8 = _place(m.int8, out / int8_name, meta, checkpoint, status)
-            placed.append(QuantizedModel(m.format, fp32, int8, m.fp32_test_acc, m.int8_test_acc, m.quantized_ops,
-                                         m.float_compute_ops, m.choice))
-    result = QuantizeResult(calib, tuple(placed), max_drop)
-    atomic_write_json(out / "quantize.json", result_dict(result))
+            fp32 = _place(m.fp32, out / fp32_name, meta, checkpoint, journal)
+            int8 = _place(m.int8, out / int8_name, meta, checkpoint, journal, status)
+            placed.append(dataclasses.replace(m, fp32=fp32, int8=int8))
+        result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint)
+        summary = json.dumps(result_dict(result), indent=2) + "\n"
+        journal.put(out / "quantize.json", lambda t: t.write_text(summary))
     return result
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The pixels quantization works on, all NCHW RGB [0, 1]."""
+
+    check_x: torch.Tensor  # compared with PyTorch's ``reference`` logits
+    reference: np.ndarray
+    calib_x: torch.Tensor
+    test_x: torch.Tensor
+    test_y: np.ndarray
+
+
+def _quantize_formats(net, inputs: _Inputs, tmp: Path, formats, activation_type, io, on_step) -> list[QuantizedModel]:
+    """Every requested int8 file (and its fp32 counterpart) written and checked inside ``tmp``."""
+    step = on_step or (lambda _msg: None)
+    i = inputs
+    models = []
+    onnx_fp32 = to_onnx(net, i.check_x, tmp / "model.onnx")
+    fp32_art = check_onnx(onnx_fp32, i.check_x, i.reference, "fp32")
+    if "onnx" in formats:
+        step("onnx: static int8 quantization with onnxruntime")
+        models.append(_quantize_onnx(onnx_fp32, fp32_art, tmp, i.calib_x, i.check_x, i.reference, i.test_x, i.test_y,
+                                     activation_type))
+    if "tflite" in formats:
+        step("tflite: full-integer conversion with onnx2tf")
+        onnx_b1 = to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)  # TFLite: batch 1
+        models.append(_quantize_tflite(onnx_b1, tmp, i.calib_x, i.check_x, i.reference, i.test_x, i.test_y, io))
+    return models
 
 
 def result_dict(result: QuantizeResult) -> dict:
     return {
         "passed": result.passed,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "max_drop_pts": result.max_drop,
         "calibration": {"size": len(result.calibration.indices), "sha256": result.calibration.sha256,
                         "per_class": list(result.calibration.per_class), "train_indices": list(result.calibration.indices)},
@@ -189,14 +206,13 @@ def result_dict(result: QuantizeResult) -> dict:
     }
 
 
-def _checkpoint_for(model: Path) -> Path:
+def checkpoint_for(model: Path) -> Path:
+    """The edgekd checkpoint to quantize: ``model`` itself, a run directory's best.pt, or the one an
+    ``.onnx`` file's sidecar names (never a checkpoint that merely sits nearby)."""
     if not model.exists():
         raise EdgeKDError(f"model not found: {model}")
     if model.suffix == ".onnx":
-        for candidate in (model.parent / "best.pt", model.parent.parent / "best.pt"):
-            if candidate.is_file():
-                return candidate
-        raise EdgeKDError(f"no edgekd checkpoint beside {model}; give the checkpoint it was exported from")
+        return _sidecar_checkpoint(model)
     if model.suffix == ".tflite":
         raise EdgeKDError("a .tflite file cannot be re-quantized; give the edgekd checkpoint (or its .onnx) instead")
     if model.is_dir():
@@ -204,6 +220,20 @@ def _checkpoint_for(model: Path) -> Path:
             return model / "best.pt"
         raise EdgeKDError(f"{model} holds no best.pt; give a checkpoint or a run directory")
     return model
+
+
+def _sidecar_checkpoint(onnx_file: Path) -> Path:
+    """The checkpoint named by ``<file>.json`` (``source_checkpoint``, relative to the file's folder)."""
+    side = onnx_file.with_name(onnx_file.name + ".json")
+    named = read_json(side).get("source_checkpoint")
+    if not named:
+        raise EdgeKDError(f"{onnx_file} has no edgekd sidecar ({side.name}) naming the checkpoint it was exported "
+                          "from; pass that checkpoint instead: edgekd quantize path/to/best.pt")
+    checkpoint = (onnx_file.parent / named).resolve()
+    if not checkpoint.is_file():
+        raise EdgeKDError(f"{side.name} says {onnx_file.name} came from {checkpoint}, which does not exist; "
+                          "pass the checkpoint instead: edgekd quantize path/to/best.pt")
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,18 +386,33 @@ class OutputsAsLogits:
 
     A model ending in softmax (the seeds' Keras models) gives rows in [0, 1] that sum to 1;
     its logits are ``log(p)`` up to a per-row constant, which softmax ignores. Applying
-    softmax to such outputs a second time is the bug seeds 000 and 003 have.
+    softmax to such outputs a second time is the bug seeds 000 and 003 have. A softmax output
+    quantized to 8 bits sums to 1 only up to rounding: each of the K entries is off by up to
+    half a quantization step, so the row sum may miss 1 by ``K * scale / 2``.
     """
 
     probabilities: bool | None = None
     eps: float = 1e-7
+    output_scale: float | None = None  # quantization step of the output, when the file says
 
     def __call__(self, out: torch.Tensor) -> torch.Tensor:
         if self.probabilities is None:
-            self.probabilities = bool(
-                (out >= 0).all() and (out <= 1).all() and torch.allclose(out.sum(-1), torch.ones(len(out)), atol=1e-3)
-            )
+            self.probabilities = looks_like_probabilities(out, self.output_scale)
         return torch.log(out.clamp_min(self.eps)) if self.probabilities else out
+
+
+# Row-sum tolerance for probabilities of unknown quantization: covers 8-bit softmax outputs of up to
+# 10 classes (10 * (1/256) / 2 = 0.0195); logits of a real classifier are not all in [0, 1] anyway.
+PROBABILITY_SUM_TOL = 0.02
+
+
+def looks_like_probabilities(out: torch.Tensor, output_scale: float | None = None) -> bool:
+    """Whether (B, K) outputs are probabilities: all in [0, 1] and every row summing to 1, within the
+    rounding of the output's quantization (``output_scale``) or ``PROBABILITY_SUM_TOL`` when unknown."""
+    if out.ndim != 2 or not ((out >= 0).all() and (out <= 1).all()):
+        return False
+    tol = 1e-3 + out.shape[1] * output_scale / 2 if output_scale else PROBABILITY_SUM_TOL
+    return bool(((out.sum(-1) - 1).abs() <= tol).all())
 
 
 @dataclass
@@ -568,7 +583,24 @@ def _load_onnx_teacher(path: Path, device, mean, std) -> FunctionTeacher:
             return np.concatenate([session.run(None, {inp.name: arr[i:i + 1]})[0] for i in range(len(arr))])
         return session.run(None, {inp.name: arr})[0]
 
-    return FunctionTeacher(path.name, run, kind="onnx")
+    scale = _onnx_output_scale(path)
+    return FunctionTeacher(path.name, run, kind="onnx", as_logits=OutputsAsLogits(output_scale=scale))
+
+
+def _onnx_output_scale(path: Path) -> float | None:
+    """The scale of the DequantizeLinear producing a QDQ model's output (e.g. a quantized softmax), if any."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - onnx missing or unreadable: the generic tolerance applies
+        return None
+    producer = next((n for n in graph.node if graph.output[0].name in n.output), None)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    scale = next((t for t in graph.initializer if t.name == producer.input[1]), None)
+    return float(np.max(numpy_helper.to_array(scale))) if scale is not None else None
 
 
 @TEACHER_LOADERS.register("keras")
@@ -598,4 +630,6 @@ def _load_tflite_teacher(path: Path, device, mean, std) -> FunctionTeacher:
     runner = TFLiteRunner(path)
     layout, size, channels = guess_layout(runner.inp["shape"])
     spec = ForeignInput(layout, size, channels, mean, std)
-    return FunctionTeacher(path.name, lambda x_unit: runner(spec.prepare(x_unit)), kind="tflite")
+    quant = runner.quantization()["output"]  # None for float outputs
+    return FunctionTeacher(path.name, lambda x_unit: runner(spec.prepare(x_unit)), kind="tflite",
+                           as_logits=OutputsAsLogits(output_scale=quant["scale"] if quant else None))

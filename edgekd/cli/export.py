@@ -52,7 +52,7 @@ def export_cmd(
 
 @app.command("quantize")
 def quantize_cmd(
-    model: Annotated[Path, typer.Argument(help="edgekd checkpoint, its run directory, or the .onnx exported from it")],
+    model: Annotated[Path, typer.Argument(help="edgekd checkpoint, its run directory, or an .onnx edgekd exported (its .json sidecar names the checkpoint)")],
     data: DataOpt = None,
     fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="onnx and/or tflite [default: both]")] = None,
     calib_size: Annotated[int, typer.Option(help="Calibration images, class-stratified from the training split")] = 300,
@@ -73,8 +73,8 @@ def quantize_cmd(
     result = _guarded(lambda: quantize(model, data=data, formats=tuple(fmt or ("onnx", "tflite")), calib_size=calib_size,
                                        io=io, activation_type=activation_type, max_drop=max_drop, out_dir=out,
                                        on_step=_status))
-    table = Table(title=f"edgekd quantize: {model} (calibration: {len(result.calibration.indices)} images, "
-                        f"sha256 {result.calibration.sha256[:12]})")
+    table = Table(title=f"edgekd quantize: checkpoint {result.checkpoint} (calibration: "
+                        f"{len(result.calibration.indices)} images, sha256 {result.calibration.sha256[:12]})")
     for col in ("format", "int8 file", "size fp32 -> int8", "ratio", "int8 ops", "float ops", "top-1 fp32", "top-1 int8", "drop"):
         table.add_column(col, justify="left" if col in ("format", "int8 file") else "right")
     for m in result.models:
