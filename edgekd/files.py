@@ -102,3 +102,75 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class Journal:
+    """Files put into place by one command, so that a failure later in it can undo them all.
+
+    A file that existed is kept as a hard link (no extra space) until the command succeeds;
+    ``undo`` removes the new files and puts the old ones back.
+    """
+
+    def __init__(self, backup_dir: Path) -> None:
+        self.backup_dir = backup_dir
+        self.placed: list[tuple[Path, Path | None]] = []  # (destination, the file it replaced)
+
+    def put(self, dest: Path, write: Callable[[Path], object]) -> None:
+        """``write(tmp)`` then rename onto ``dest`` (``files.atomic_write_bytes``), remembering what was there."""
+        saved = None
+        if dest.is_file():
+            self.backup_dir.mkdir(parents=True, exist_ok=True)
+            saved = self.backup_dir / f"{len(self.placed)}-{dest.name}"
+            _link_or_copy(dest, saved)
+        self.placed.append((dest, saved))
+        atomic_write_bytes(dest, write)
+
+    def undo(self) -> None:
+        for dest, saved in reversed(self.placed):
+            if saved is not None:
+                os.replace(saved, dest)
+            else:
+                dest.unlink(missing_ok=True)
+        self.placed.clear()
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # file systems without hard links
+        shutil.copy2(src, dest)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, name: str):
+    """``out`` made if needed, a temporary work folder inside it and a ``Journal``.
+
+    When the block fails, every file the journal put is undone, the work folder removed, and
+    ``out`` itself removed again when this call made it: the disk holds what it held before.
+    """
+    made = _missing_folders(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    try:
+        with temp_dir(out / name) as tmp:
+            journal = Journal(tmp / "replaced")
+            try:
+                yield tmp, journal
+            except BaseException:
+                journal.undo()
+                raise
+    except BaseException:
+        for folder in made:  # innermost first; only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, innermost first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgekd.files import clean_stale_temps, read_json, sha256_file, temp_dir
+from edgekd.files import Journal, clean_stale_temps, read_json, sha256_file, temp_dir
 from edgekd.errors import EdgeKDError
 
 BUNDLE_SCHEMA = "edgekd.bundle/1"
@@ -311,8 +311,6 @@ def package(
         >>> res.passed, res.files[:3]  # doctest: +SKIP
         (True, ('.edgekd-bundle', 'MODEL_CARD.md', 'README.md'))
     """
-    from edgekd.export import Journal
-
     step = on_step or (lambda _msg: None)
     sources, names, desc, data = _inputs(source, precision, labels, data)
     out = Path(out_dir)

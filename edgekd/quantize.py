@@ -22,7 +22,7 @@ import torch
 
 from edgekd.bench import time_calls
 from edgekd.checkpoint import load_model
-from edgekd.files import read_json
+from edgekd.files import read_json, staged_output
 from edgekd.data import ImageData
 from edgekd.errors import EdgeKDError
 from edgekd.export import (
@@ -30,7 +30,6 @@ from edgekd.export import (
     Deployable,
     TFLiteRunner,
     _place,
-    staged_output,
     check_onnx,
     check_tflite,
     deploy_net,
