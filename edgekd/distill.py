@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -433,6 +434,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         val_acc = accuracy(val_logits, data.val_y)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                   "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
+        _check_collapse(state["history"], record, data.num_classes, r.lr, out)
         state["history"].append(record)
         state["epoch"] = epoch
         state["elapsed_s"] = resumed_s + (time.perf_counter() - t_start)
@@ -461,6 +463,20 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
 
         dist.destroy_process_group()
     return result
+
+
+def _check_collapse(history: list[dict], record: dict, num_classes: int, lr: float, out: Path) -> None:
+    """Stop a run whose training accuracy collapsed: below half its best so far, after that best was
+    well above chance. Its checkpoints are no result, so ``best.pt`` is removed (``last.pt`` and the
+    history stay for a look)."""
+    chance = 100.0 / num_classes
+    best = max((h["train_acc"] for h in history), default=0.0)
+    if best >= 2 * chance and record["train_acc"] < 0.5 * best:
+        (out / "best.pt").unlink(missing_ok=True)
+        raise EdgeKDError(
+            f"training collapsed at epoch {record['epoch']}: training accuracy fell from {best:.1f}% to "
+            f"{record['train_acc']:.1f}% (chance {chance:.1f}%, loss {record['train_loss']:.3f}); the run stopped "
+            f"without a best model. Lower the learning rate (--lr, now {lr:g}) and start it in a new --out")
 
 
 def _validate(cfg: DistillConfig) -> None:
@@ -562,7 +578,7 @@ def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float,
     seen = 0
     for step in range(steps):
         idx = order.perm[step * batch:(step + 1) * batch]
-        loss, logits, y = _forward(loop, order, idx)
+        loss, logits, y = _forward(loop, order, idx, progress=epoch - 1 + step / steps)
         _check_finite(loss, loop.rt, epoch, step + 1)
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
@@ -574,11 +590,16 @@ def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float,
         seen += len(idx)
         if on_step:
             on_step("step", step + 1, steps, {"epoch": epoch})
-    return float(loss_sum) / seen, float(correct) / seen * 100.0
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=loop.rt.device)])
+    if loop.rt.world > 1:  # every rank reports (and judges a collapse on) the same numbers
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2]) * 100.0
 
 
-def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor):
-    """The loss of one batch, with the student's logits for its images and their labels."""
+def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float):
+    """The loss of one batch (``progress``: epochs done), with the student's logits for its images and their labels."""
     rt, kd, pad = loop.rt, loop.kd, loop.pad
     x_u8 = loop.data.train_x[idx].to(rt.device, non_blocking=True)
     y = loop.data.train_y[idx].to(rt.device, non_blocking=True)
@@ -586,17 +607,32 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor):
     x_unit = to_unit(apply_augment(x_u8, params, pad))
     if loop.teachers and loop.cache is None:
         t_logits = _teacher_logits(loop.teachers, x_unit, rt.device)
-    n_fresh = round(len(idx) * kd.fresh_share) if loop.cache is not None and (pad or loop.flip) else 0
+    n_fresh = round(len(idx) * _repeat_share(loop)) if pad or loop.flip else 0
     if n_fresh:  # the same images again, freshly augmented, in the same forward pass
         x_unit = torch.cat([x_unit, to_unit(apply_augment(x_u8[:n_fresh], order.fresh[idx[:n_fresh]], pad))])
     with loop.precision.context(rt.device):
         logits = loop.model(loop.spec(x_unit))
     logits, fresh_logits = logits[:len(idx)], logits[len(idx):]
-    loss = losses.distillation_loss(logits, y, t_logits, alpha=kd.alpha, temperature=kd.temperature,
+    alpha = losses.warmed_up_alpha(kd.alpha, progress, kd.warmup_epochs)
+    loss = losses.distillation_loss(logits, y, t_logits, alpha=alpha, temperature=kd.temperature,
                                     weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
     if n_fresh:
         loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], loop.recipe.label_smoothing)
     return loss, logits, y
+
+
+def _repeat_share(loop: Loop) -> float:
+    """The share of a batch shown again freshly augmented: a teacher cache's fresh views, or a run's own
+    ``repeat_share`` (the matched scratch twin of a KD run with a cache)."""
+    return loop.kd.fresh_share if loop.cache is not None else loop.recipe.repeat_share
+
+
+def matched_scratch(cfg: DistillConfig) -> DistillConfig:
+    """The scratch twin of a distillation config: no teachers, and the same number of student passes
+    on the same augmentation (a KD run with a cache also shows ``fresh_share`` of every batch freshly
+    augmented, so the twin does too). Everything else (model, seed, epochs, optimizer) is the same."""
+    extra = cfg.kd.fresh_share if cfg.kd.teachers and cfg.kd.cache_views > 0 else cfg.recipe.repeat_share
+    return dataclasses.replace(cfg, recipe=dataclasses.replace(cfg.recipe, repeat_share=extra), kd=KDConfig())
 
 
 def _batch_views(cache: TeacherCache | None, order: EpochOrder, idx: torch.Tensor, device: torch.device,

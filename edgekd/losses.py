@@ -68,6 +68,18 @@ def distillation_loss(
     return alpha * ce + (1.0 - alpha) * kd
 
 
+def warmed_up_alpha(alpha: float, progress: float, warmup: float) -> float:
+    """The label loss's weight after ``progress`` epochs when the KD term's weight ``1 - alpha`` ramps up
+    linearly over ``warmup`` epochs (it starts at 1: labels only).
+
+    Example:
+        >>> warmed_up_alpha(0.5, 0.0, 1.0), warmed_up_alpha(0.5, 0.5, 1.0), warmed_up_alpha(0.5, 3.0, 1.0)
+        (1.0, 0.75, 0.5)
+    """
+    ramp = 1.0 if warmup <= 0 else min(1.0, progress / warmup)
+    return 1.0 - (1.0 - alpha) * ramp
+
+
 def with_fresh_views(view_loss: torch.Tensor, n_views: int, fresh_logits: torch.Tensor, fresh_labels: torch.Tensor,
                      label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-image mean over a batch of ``n_views`` cached-view images (mean loss ``view_loss``)

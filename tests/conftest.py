@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Decoded-ImageFolder caches of the tests go to a folder of this session, not the user's ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ["EDGEKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgekd-test-cache-")
 
 import numpy as np
 import pytest
