@@ -428,11 +428,12 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     resumed_s = state["elapsed_s"]
     for epoch in range(state["epoch"] + 1, r.epochs + 1):
         t0 = time.perf_counter()
-        train_loss, train_acc = _train_epoch(loop, epoch, on_step)
+        train_loss, train_acc, passes = _train_epoch(loop, epoch, on_step)
         val_logits = predict_logits(unwrap(model), data.val_x, spec, rt.device, r.eval_batch_size)
         val_loss = float(nn.functional.cross_entropy(val_logits, data.val_y))
         val_acc = accuracy(val_logits, data.val_y)
-        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "student_passes": passes,
+                  "val_loss": val_loss,
                   "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
         _check_collapse(state["history"], record, data.num_classes, r.lr, out)
         state["history"].append(record)
@@ -555,6 +556,7 @@ class EpochOrder:
     perm: torch.Tensor  # (N / world,) this process's share of the shuffled image indices
     view: torch.Tensor | None  # (N,) cached view per image
     fresh: torch.Tensor  # (N, 3) fresh augmentation per image
+    again: torch.Tensor | None = None  # (N, 3) a second augmentation per image, for a run's own repeat_share
 
 
 def _epoch_order(loop: Loop, epoch: int) -> EpochOrder:
@@ -564,21 +566,24 @@ def _epoch_order(loop: Loop, epoch: int) -> EpochOrder:
     per_rank = n // rt.world
     perm = perm[rt.rank * per_rank:(rt.rank + 1) * per_rank] if rt.world > 1 else perm
     view = torch.randint(0, loop.cache.params.shape[0], (n,), generator=gen) if loop.cache is not None else None
-    return EpochOrder(perm, view, augment_params(n, loop.pad, loop.flip, gen))
+    fresh = augment_params(n, loop.pad, loop.flip, gen)
+    # Drawn last and only when used, so runs without a repeat draw exactly what they drew before.
+    again = augment_params(n, loop.pad, loop.flip, gen) if loop.cache is None and loop.recipe.repeat_share else None
+    return EpochOrder(perm, view, fresh, again)
 
 
 def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float, float]:
-    """One pass over this process's share of the training images: (mean loss, accuracy %)."""
+    """One pass over this process's share of the training images: (mean loss, accuracy %, student passes)."""
     loop.model.train()
     order = _epoch_order(loop, epoch)
     batch = max(1, loop.recipe.batch_size // loop.rt.world)
     steps = math.ceil(len(order.perm) / batch)
     loss_sum = torch.zeros((), device=loop.rt.device)
     correct = torch.zeros((), device=loop.rt.device)
-    seen = 0
+    seen = passes = 0  # images scored for the metrics; images the student forwarded and learned from
     for step in range(steps):
         idx = order.perm[step * batch:(step + 1) * batch]
-        loss, logits, y = _forward(loop, order, idx, progress=epoch - 1 + step / steps)
+        loss, logits, y, forwarded = _forward(loop, order, idx, progress=epoch - 1 + step / steps)
         _check_finite(loss, loop.rt, epoch, step + 1)
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
@@ -588,14 +593,16 @@ def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float,
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
+        passes += forwarded
         if on_step:
             on_step("step", step + 1, steps, {"epoch": epoch})
-    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=loop.rt.device)])
+    totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=loop.rt.device),
+                          torch.tensor(float(passes), device=loop.rt.device)])
     if loop.rt.world > 1:  # every rank reports (and judges a collapse on) the same numbers
         import torch.distributed as dist
 
         dist.all_reduce(totals)
-    return float(totals[0] / totals[2]), float(totals[1] / totals[2]) * 100.0
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2]) * 100.0, int(totals[3])
 
 
 def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float):
@@ -609,7 +616,8 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float):
         t_logits = _teacher_logits(loop.teachers, x_unit, rt.device)
     n_fresh = round(len(idx) * _repeat_share(loop)) if pad or loop.flip else 0
     if n_fresh:  # the same images again, freshly augmented, in the same forward pass
-        x_unit = torch.cat([x_unit, to_unit(apply_augment(x_u8[:n_fresh], order.fresh[idx[:n_fresh]], pad))])
+        second = order.fresh if loop.cache is not None else order.again  # without a cache, fresh is the first view
+        x_unit = torch.cat([x_unit, to_unit(apply_augment(x_u8[:n_fresh], second[idx[:n_fresh]], pad))])
     with loop.precision.context(rt.device):
         logits = loop.model(loop.spec(x_unit))
     logits, fresh_logits = logits[:len(idx)], logits[len(idx):]
@@ -618,7 +626,7 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float):
                                     weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
     if n_fresh:
         loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], loop.recipe.label_smoothing)
-    return loss, logits, y
+    return loss, logits, y, len(x_unit)
 
 
 def _repeat_share(loop: Loop) -> float:
