@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--student", default="seed003_student")
+    ap.add_argument("--name", default="kd_stability", help="results/NAME.json and .md")
     args = ap.parse_args()
     data = load_data(args.dataset)
     rows: dict[str, dict] = {}
@@ -83,15 +84,15 @@ def main() -> None:
     gains = [rows["kd"][s]["test_acc"] - rows["scratch_matched"][s]["test_acc"] for s in range(args.seeds)
              if rows["kd"][s]["test_acc"] is not None and rows["scratch_matched"][s]["test_acc"] is not None]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kd_stability.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                            "runs": rows, "kd_minus_matched_scratch": gains}, indent=2))
     gain = f"{statistics.mean(gains):+.2f} +- {statistics.stdev(gains):.2f}" if len(gains) > 1 else "-"
     text = ["# KD stability and matched scratch on data the recipe was not tuned on", "",
             f"`python benchmarks/kd_stability.py {args.dataset} {args.teacher} --out {args.out} --seeds {args.seeds} "
-            f"--epochs {args.epochs} --student {args.student}` (teacher and data: see the script's docstring)", "",
+            f"--epochs {args.epochs} --student {args.student} --name {args.name}` (teacher and data: see the script's docstring)", "",
             *summary(rows), "", f"KD minus matched scratch, test top-1 points, per seed: "
             + ", ".join(f"{g:+.2f}" for g in gains) + f" (mean {gain})", ""]
-    (RESULTS / "kd_stability.md").write_text("\n".join(text))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(text))
     print("\n".join(text))
 
 

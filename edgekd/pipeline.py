@@ -72,18 +72,23 @@ class PipelineConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     student_recipe: RecipeConfig = field(default_factory=RecipeConfig)
     kd: KDConfig = field(default_factory=KDConfig)
-    students: tuple[str, ...] = ("scratch", "kd_best", "kd_all")  # which student runs to make
+    # Which student runs to make. scratch_matched is the fair control of the KD runs: no teacher, the
+    # same student passes and augmentation (edgekd.distill.matched_scratch).
+    students: tuple[str, ...] = ("scratch", "scratch_matched", "kd_best", "kd_all")
+    # Student runs are repeated with seeds student_recipe.seed, +1, ...: KD's gain over the matched twin is
+    # reported as mean +- sd over them (test split). Only the first seed's models are exported and benchmarked.
+    seeds: int = 1
     deploy: DeployConfig = field(default_factory=DeployConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     package: PackageConfig = field(default_factory=PackageConfig)
 
 
-STUDENT_RUNS = ("scratch", "kd_best", "kd_all")
+STUDENT_RUNS = ("scratch", "scratch_matched", "kd_best", "kd_all")
 
 
 def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     """Validate a parsed TOML document; unknown sections and keys are errors naming them."""
-    allowed = {"data", "teachers", "student", "student_recipe", "kd", "students", "deploy", "bench", "package"}
+    allowed = {"data", "teachers", "student", "student_recipe", "kd", "students", "seeds", "deploy", "bench", "package"}
     unknown = [k for k in values if k not in allowed]
     if unknown:
         raise EdgeKDError(f"unknown section [{unknown[0]}]; valid sections: {', '.join(sorted(allowed))}")
@@ -119,12 +124,15 @@ def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     bad = [s for s in students if s not in STUDENT_RUNS]
     if bad:
         raise EdgeKDError(f"unknown student run {bad[0]!r}; choose from {', '.join(STUDENT_RUNS)}")
+    seeds = values.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise EdgeKDError(f"seeds must be an integer of at least 1, got {seeds!r}")
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise EdgeKDError("teacher names must be unique")
     return PipelineConfig(build(DataConfig, values.get("data", {}), "data"), tuple(teachers),
                           build(ModelConfig, values.get("student", {}), "student"),
-                          build(RecipeConfig, values.get("student_recipe", {}), "student_recipe"), kd, students,
+                          build(RecipeConfig, values.get("student_recipe", {}), "student_recipe"), kd, students, seeds,
                           build(DeployConfig, values.get("deploy", {}), "deploy"),
                           build(BenchConfig, values.get("bench", {}), "bench"),
                           build(PackageConfig, values.get("package", {}), "package"))
@@ -189,6 +197,7 @@ class PipelineResult:
     deployed: dict | None  # edgekd.quantize.result_dict of the best student, when deploy.quantize
     bench: object | None = None  # edgekd.bench.BenchReport of every model, when bench.enabled
     bundle: object | None = None  # edgekd.package.PackageResult, when package.enabled
+    kd_gain: dict = field(default_factory=dict)  # per KD run: test top-1 minus the matched twin's, per seed (kd_gains)
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = False,
@@ -223,20 +232,16 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
         row = _run_one(train, run_cfg, out / "teachers" / t.name, t.name, "teacher", data, on_stage, on_step)
         rows.append(row)
         teacher_files.append((t.name, str(out / "teachers" / t.name / "best.pt"), row.val_acc))
-    ranked = sorted(teacher_files, key=lambda f: -f[2] if f[2] == f[2] else 0.0)
-    for name in cfg.students:
-        files = {"scratch": (), "kd_best": (ranked[0][1],), "kd_all": tuple(f[1] for f in teacher_files)}[name]
-        weights = cfg.kd.teacher_weights if name == "kd_all" else ()  # teacher_weights follow [[teachers]]'s order
-        kd = dataclasses.replace(cfg.kd, teachers=files, teacher_weights=weights)
-        if name == "kd_all" and len(files) < 2:
-            continue
-        run_cfg = DistillConfig(data=cfg.data, model=cfg.student, recipe=cfg.student_recipe, kd=kd)
-        rows.append(_run_one(train, run_cfg, out / "students" / name, name, "student", data, on_stage, on_step,
-                             cache_dir=out / "teacher_cache"))  # students share each teacher's outputs
+    ranked = [f[1] for f in sorted(teacher_files, key=lambda f: -f[2] if f[2] == f[2] else 0.0)]
+    by_seed = [_student_runs(cfg, out if k == 0 else out / "seeds" / f"seed{k}", k, ranked,
+                             tuple(f[1] for f in teacher_files), data, on_stage, on_step) for k in range(cfg.seeds)]
+    rows += by_seed[0]
+    gains = kd_gains(by_seed)
     from edgekd.files import atomic_write_json
 
     deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
-    atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "deployed": deployed})
+    atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "kd_gain_over_matched_scratch": gains,
+                                             "deployed": deployed})
     report = _bench(cfg.bench, out, data, teacher_files, on_stage, on_step) if cfg.bench.enabled else None
     bundle = None
     if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats and deployed["passed"]:
@@ -248,7 +253,37 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
                          make_zip=cfg.package.zip, bench_runs=cfg.bench.min_runs, bench_seconds=cfg.bench.min_seconds,
                          on_step=on_stage)
     write_manifest(cfg, out, data)
-    return PipelineResult(tuple(rows), deployed, report, bundle)
+    return PipelineResult(tuple(rows), deployed, report, bundle, gains)
+
+
+def _student_runs(cfg: PipelineConfig, out: Path, offset: int, ranked: list[str], all_files: tuple[str, ...],
+                  data, on_stage, on_step) -> list[RunRow]:
+    """The student runs of one seed (``student_recipe.seed + offset``), each in ``out/students/NAME``."""
+    from edgekd.distill import matched_scratch, train
+
+    recipe = dataclasses.replace(cfg.student_recipe, seed=cfg.student_recipe.seed + offset)
+    base = DistillConfig(data=cfg.data, model=cfg.student, recipe=recipe)
+    kd_best = dataclasses.replace(base, kd=dataclasses.replace(cfg.kd, teachers=(ranked[0],), teacher_weights=()))
+    runs = {"scratch": base, "scratch_matched": matched_scratch(kd_best), "kd_best": kd_best,
+            "kd_all": dataclasses.replace(base, kd=dataclasses.replace(cfg.kd, teachers=all_files))}
+    suffix = f" (seed {recipe.seed})" if offset else ""
+    return [_run_one(train, runs[name], out / "students" / name, name + suffix, "student", data, on_stage, on_step,
+                     cache_dir=out / "teacher_cache")  # students share each teacher's outputs
+            for name in cfg.students if name != "kd_all" or len(all_files) >= 2]
+
+
+def kd_gains(by_seed: list[list[RunRow]]) -> dict:
+    """Each KD run's test top-1 minus its matched scratch twin's, per seed, with mean and sd (points)."""
+    import statistics
+
+    gains: dict[str, list[float]] = {}
+    for rows in by_seed:
+        test = {r.name.split(" (seed")[0]: r.test_acc for r in rows}
+        for name in ("kd_best", "kd_all"):
+            if name in test and "scratch_matched" in test:
+                gains.setdefault(name, []).append(test[name] - test["scratch_matched"])
+    return {name: {"per_seed": g, "mean": statistics.mean(g), "sd": statistics.stdev(g) if len(g) > 1 else None}
+            for name, g in gains.items()}
 
 
 def _bench(b: BenchConfig, out: Path, data, teacher_files, on_stage, on_step):

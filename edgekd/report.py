@@ -47,6 +47,21 @@ def pipeline_table(rows) -> Table:
     return table
 
 
+def kd_gain_lines(gains: dict) -> list[str]:
+    """Plain words on what distillation did against its fair control (test top-1, points)."""
+    lines = []
+    for name, g in gains.items():
+        n = len(g["per_seed"])
+        spread = f" +- {g['sd']:.2f}" if g["sd"] is not None else ""
+        seeds = ", ".join(f"{v:+.2f}" for v in g["per_seed"])
+        verdict = ("beat its matched scratch twin on every seed" if min(g["per_seed"]) > 0 else
+                   "did not beat its matched scratch twin on every seed" if g["mean"] > 0 else
+                   "did NOT help: the matched scratch twin did as well or better")
+        lines.append(f"{name}: KD gain over matched scratch {g['mean']:+.2f}{spread} points over {n} seed"
+                     f"{'s' if n > 1 else ''} ({seeds}); distillation {verdict}")
+    return lines
+
+
 def deploy_table(deployed: dict) -> Table:
     """fp32 and int8 files of the deployed student, each measured through its own runtime."""
     folder = Path(deployed["models"][0]["int8"]["path"]).parent if deployed["models"] else ""

@@ -65,7 +65,13 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
         "deploy": {"formats": ["onnx"], "calib_size": 40},
     })
     result = run_pipeline(cfg, tmp_path)
-    assert [r.name for r in result.rows] == ["t1", "t2", "scratch", "kd_best", "kd_all"]
+    assert [r.name for r in result.rows] == ["t1", "t2", "scratch", "scratch_matched", "kd_best", "kd_all"]
+    test = {r.name: r.test_acc for r in result.rows}
+    assert result.kd_gain["kd_best"]["per_seed"] == [test["kd_best"] - test["scratch_matched"]]
+    assert result.kd_gain["kd_all"]["per_seed"] == [test["kd_all"] - test["scratch_matched"]]
+    passes = {n: json.loads((tmp_path / "students" / n / "history.json").read_text())[0]["student_passes"]
+              for n in ("scratch", "scratch_matched", "kd_best")}
+    assert passes["scratch_matched"] == passes["kd_best"] == 2 * passes["scratch"]
     [onnx] = result.deployed["models"]
     assert onnx["format"] == "onnx" and onnx["quantized_ops"] > 0 and (tmp_path / "deploy" / "model_int8.onnx").is_file()
     assert len(list((tmp_path / "teacher_cache").glob("teacher-*.pt"))) == 2  # kd_best reuses kd_all's teacher outputs
@@ -74,7 +80,7 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
     stages = []
     again = run_pipeline(cfg, tmp_path, resume=True, on_stage=stages.append)
     work = [s for s in stages if not s.startswith("bench")]
-    assert len(work) == 6 and all("skipped" in s for s in work) and again.rows == result.rows
+    assert len(work) == 7 and all("skipped" in s for s in work) and again.rows == result.rows
     assert (tmp_path / "summary.json").is_file() and (tmp_path / "bench" / "report.html").is_file()
     assert not (tmp_path / "bundle").exists()  # no TFLite file: nothing to package
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -86,8 +92,30 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
     (tmp_path / "students" / "kd_all" / "result.json").unlink()
     stages = []
     run_pipeline(cfg, tmp_path, resume=True, on_stage=stages.append)
-    assert [s for s in stages if "kd_all" in s] == ["student kd_all: training seed003_student"]
-    assert sum("skipped" in s for s in stages) == 5  # the other 4 runs and the deploy step
+    assert [s for s in stages if s.startswith("student kd_all")] == ["student kd_all: training seed003_student"]
+    assert sum("skipped" in s for s in stages) == 6  # the other 5 runs and the deploy step
+
+
+def test_student_runs_over_several_seeds_report_the_kd_gain(tmp_path):
+    recipe = {"epochs": 1, "batch_size": 128}
+    cfg = pipeline_config_from_dict({
+        "teachers": [{"name": "t1", "model": {"arch": "resnet8"}, "recipe": recipe}],
+        "student": {"arch": "seed003_student"}, "student_recipe": recipe, "seeds": 3,
+        "students": ["scratch_matched", "kd_best"], "deploy": {"quantize": False}, "bench": {"enabled": False},
+        "package": {"enabled": False},
+    })
+    result = run_pipeline(cfg, tmp_path)
+    assert [r.name for r in result.rows] == ["t1", "scratch_matched", "kd_best"]  # the first seed's models
+    per_seed = []
+    for k in range(3):
+        root = tmp_path if k == 0 else tmp_path / "seeds" / f"seed{k}"
+        res = {n: json.loads((root / "students" / n / "result.json").read_text()) for n in ("scratch_matched", "kd_best")}
+        assert json.loads((root / "students" / "kd_best" / "config.json").read_text())["recipe"]["seed"] == k
+        per_seed.append(res["kd_best"]["test_acc"] - res["scratch_matched"]["test_acc"])
+    gain = result.kd_gain["kd_best"]
+    assert gain["per_seed"] == per_seed and gain["sd"] is not None and list(result.kd_gain) == ["kd_best"]
+    with pytest.raises(EdgeKDError, match="seeds must be an integer of at least 1"):
+        pipeline_config_from_dict({"teachers": [{"name": "t"}], "seeds": 0})
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def run_cmd(
     Example: edgekd run configs/seed002_cifar10.toml --out runs/seed002 --set student_recipe.epochs=3
     """
     from edgekd.pipeline import load_pipeline_config, run_pipeline
-    from edgekd.report import comparison_table, deploy_table, pipeline_table
+    from edgekd.report import comparison_table, deploy_table, kd_gain_lines, pipeline_table
 
     cfg = _guarded(lambda: load_pipeline_config(config, tuple(overrides or ())))
     with _progress() as progress:
@@ -42,6 +42,8 @@ def run_cmd(
 
         result = _guarded(lambda: run_pipeline(cfg, out, resume=resume, on_stage=stage, on_step=bars))
     err.print(pipeline_table(result.rows))
+    for line in kd_gain_lines(result.kd_gain):
+        err.print(line, highlight=False)
     if result.deployed:
         err.print(deploy_table(result.deployed))
     if result.bench is not None:
@@ -56,7 +58,8 @@ def run_cmd(
                   + ", ".join(f"{c.name} {'ok' if c.ok else 'FAILED'}" for c in result.bundle.checks) + ")", highlight=False)
     err.print(f"manifest: {out / 'manifest.json'}", highlight=False)
     if as_json:
-        sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "deployed": result.deployed,
+        sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "kd_gain": result.kd_gain,
+                                     "deployed": result.deployed,
                                      "bench": result.bench.to_dict() if result.bench else None}, indent=2) + "\n")
     if result.deployed and not result.deployed["passed"]:
         worst = max(result.deployed["models"], key=lambda m: m["drop_pts"])
