@@ -46,6 +46,7 @@ class TeacherReport:
     kind: str
     val_acc: float
     outputs_probabilities: bool
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,17 @@ def check_teachers(teachers: list[FunctionTeacher], data: ImageData, batch_size:
         acc = accuracy(logits, data.val_y)
         if t.classes is None:
             _check_order(t.name, logits.argmax(1), data)
-        reports.append(TeacherReport(t.name, t.kind, acc, bool(t.outputs_probabilities)))
+        reports.append(TeacherReport(t.name, t.kind, acc, bool(t.outputs_probabilities), _size_warnings(t, data, acc)))
     return reports
+
+
+def _size_warnings(t: FunctionTeacher, data: ImageData, acc: float) -> tuple[str, ...]:
+    if t.input_size is None or tuple(t.input_size) == tuple(data.image_size):
+        return ()
+    (h, w), (dh, dw) = t.input_size, data.image_size
+    return (f"teacher {t.name} was built for {h}x{w} inputs and the data is {dh}x{dw}: every image is resized "
+            f"for it (validation accuracy {acc:.2f}%); if that is low, decode the data at its size (--image-size {h}) "
+            "or use a teacher trained at the data's size",)
 
 
 def _check_order(name: str, pred: torch.Tensor, data: ImageData) -> None:
@@ -386,6 +396,9 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     teachers = [load_teacher(p, device=rt.device, input_mean=kd.teacher_mean, input_std=kd.teacher_std)
                 for p in kd.teachers]
     teacher_reports = check_teachers(teachers, data) if teachers else []
+    for warning in (w for report in teacher_reports for w in report.warnings):
+        if on_step:
+            on_step("warning", 0, 0, {"message": warning})
 
     torch.manual_seed(r.seed)
     model, meta = _build(cfg, data)

@@ -424,6 +424,7 @@ class FunctionTeacher:
     classes: tuple[str, ...] | None = None
     kind: str = ""
     as_logits: OutputsAsLogits = field(default_factory=OutputsAsLogits)
+    input_size: tuple[int, int] | None = None  # (H, W) the model was built for; other data is resized to it
 
     def __call__(self, x_unit: torch.Tensor) -> torch.Tensor:
         out = self.fn(x_unit)
@@ -498,7 +499,7 @@ def _load_torch_teacher(path: Path, device, mean, std) -> FunctionTeacher:
 
     fast = _onnxruntime_forward(model, meta, run) if device.type == "cpu" else None
     return FunctionTeacher(path.name, fast or run, tuple(meta["classes"]), kind="edgekd (onnxruntime)" if fast else "edgekd",
-                           as_logits=OutputsAsLogits(probabilities=False))
+                           as_logits=OutputsAsLogits(probabilities=False), input_size=size)
 
 
 def _onnxruntime_forward(model: nn.Module, meta: dict, eager) -> Callable | None:
@@ -584,7 +585,7 @@ def _load_onnx_teacher(path: Path, device, mean, std) -> FunctionTeacher:
         return session.run(None, {inp.name: arr})[0]
 
     scale = _onnx_output_scale(path)
-    return FunctionTeacher(path.name, run, kind="onnx", as_logits=OutputsAsLogits(output_scale=scale))
+    return FunctionTeacher(path.name, run, kind="onnx", as_logits=OutputsAsLogits(output_scale=scale), input_size=spec.size)
 
 
 def _onnx_output_scale(path: Path) -> float | None:
@@ -620,7 +621,7 @@ def _load_keras_teacher(path: Path, device, mean, std) -> FunctionTeacher:
     def run(x_unit):
         return np.asarray(model(spec.prepare(x_unit), training=False))
 
-    return FunctionTeacher(path.name, run, kind="keras")
+    return FunctionTeacher(path.name, run, kind="keras", input_size=spec.size)
 
 
 @TEACHER_LOADERS.register("tflite")
@@ -631,5 +632,5 @@ def _load_tflite_teacher(path: Path, device, mean, std) -> FunctionTeacher:
     layout, size, channels = guess_layout(runner.inp["shape"])
     spec = ForeignInput(layout, size, channels, mean, std)
     quant = runner.quantization()["output"]  # None for float outputs
-    return FunctionTeacher(path.name, lambda x_unit: runner(spec.prepare(x_unit)), kind="tflite",
+    return FunctionTeacher(path.name, lambda x_unit: runner(spec.prepare(x_unit)), kind="tflite", input_size=spec.size,
                            as_logits=OutputsAsLogits(output_scale=quant["scale"] if quant else None))

@@ -330,3 +330,16 @@ def test_kill_and_resume_at_several_moments_gives_the_same_models(tmp_path):
         a = torch.load(ref / model / "best.pt", weights_only=True)["state_dict"]
         b = torch.load(run / model / "best.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(a[k], b[k]) for k in a), model
+
+
+def test_a_teacher_of_another_input_size_is_warned_about_with_the_numbers(tmp_path):
+    teacher = tmp_path / "t28"
+    root = _folder(tmp_path / "d28", {str(i): 12 for i in range(10)}, size=(28, 28))
+    assert runner.invoke(app, ["train", "--arch", "seed003_student", "--data", str(root), "--epochs", "1",
+                               "--out", str(teacher)]).exit_code == 0
+    # digits' class names are 0..9 too, but its images are 8x8
+    result = runner.invoke(app, ["distill", "-t", str(teacher / "best.pt"), "--student", "seed003_student",
+                                 "--epochs", "1", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "warning: teacher best.pt was built for 28x28 inputs and the data is 8x8" in result.output
+    assert json.loads((tmp_path / "s" / "result.json").read_text())["teachers"][0]["warnings"]

@@ -76,6 +76,11 @@ class _Bars:
 
             self.progress.console.print(f"data {info['name']}: {describe(info['summary'])}", highlight=False, soft_wrap=True)
             return
+        if stage == "warning":
+            from rich.markup import escape
+
+            self.progress.console.print(f"[yellow]warning:[/] {escape(info['message'])}", highlight=False, soft_wrap=True)
+            return
         if stage == "resumed":
             self.progress.console.print(f"resuming after epoch {done} of {total} "
                                         f"(best validation accuracy so far {info['best_val_acc']:.2f}%)", highlight=False)
