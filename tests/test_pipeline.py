@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import tomllib
@@ -114,6 +115,9 @@ def test_student_runs_over_several_seeds_report_the_kd_gain(tmp_path):
         per_seed.append(res["kd_best"]["test_acc"] - res["scratch_matched"]["test_acc"])
     gain = result.kd_gain["kd_best"]
     assert gain["per_seed"] == per_seed and gain["sd"] is not None and list(result.kd_gain) == ["kd_best"]
+    weighted = run_pipeline(dataclasses.replace(cfg, seeds=1, kd=dataclasses.replace(cfg.kd, teacher_weights=(2.0,))),
+                            tmp_path / "weighted")  # one teacher: kd_best takes no weights (it broke before)
+    assert [r.name for r in weighted.rows] == ["t1", "scratch_matched", "kd_best"]
     with pytest.raises(EdgeKDError, match="seeds must be an integer of at least 1"):
         pipeline_config_from_dict({"teachers": [{"name": "t"}], "seeds": 0})
 
