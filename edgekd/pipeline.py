@@ -304,19 +304,10 @@ def _bench(b: BenchConfig, out: Path, data, teacher_files, on_stage, on_step):
 
 def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
     """Seeds, library versions, config, data and calibration hashes, and every artifact's SHA-256."""
-    import hashlib
-
     from edgekd.bench import environment
-    from edgekd.files import atomic_write_json
+    from edgekd.files import atomic_write_json, sha256_file
 
-    def sha(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-
-    artifacts = {str(p.relative_to(out)): sha(p) for p in sorted(out.rglob("*"))
+    artifacts = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*"))
                  if p.is_file() and p.name != "manifest.json" and not any(part.startswith(".") for part in p.parts)}
     quant = out / "deploy" / "quantize.json"
     calib = json.loads(quant.read_text())["calibration"]["sha256"] if quant.is_file() else None
