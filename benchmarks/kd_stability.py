@@ -2,8 +2,9 @@
 
 For seeds 0..N-1, on an ImageFolder the recipe was not tuned on, trains seed 003's student (plain
 conv + dense, no batch norm) four ways for the same epochs and seed:
-  kd_nowarmup   the default KD recipe with the KD weight at full strength from step 1 (kd.warmup_epochs 0)
-  kd            the default KD recipe (KD weight ramped in over the first epoch)
+  kd_unprotected  the default KD recipe without its guards: KD weight at full strength from step 1
+                  (kd.warmup_epochs 0) and no gradient clipping (recipe.clip_grad none)
+  kd            the default KD recipe (KD weight ramped in over the first epoch, relative clipping)
   scratch       labels only, one view of every image per step
   scratch_matched  labels only, with the same student passes and augmentation as the KD runs
                    (every batch shown twice, freshly augmented: edgekd.distill.matched_scratch)
@@ -35,8 +36,9 @@ def configs(dataset: str, teacher: str, seed: int, epochs: int, student: str) ->
     base = DistillConfig(model=ModelConfig(arch=student), recipe=RecipeConfig(epochs=epochs, seed=seed))
     base = dataclasses.replace(base, data=dataclasses.replace(base.data, dataset=dataset))
     kd = dataclasses.replace(base, kd=KDConfig(teachers=(teacher,)))
-    return {"kd_nowarmup": dataclasses.replace(kd, kd=dataclasses.replace(kd.kd, warmup_epochs=0.0)),
-            "kd": kd, "scratch": base, "scratch_matched": matched_scratch(kd)}
+    unprotected = dataclasses.replace(kd, recipe=dataclasses.replace(kd.recipe, clip_grad=None),
+                                      kd=dataclasses.replace(kd.kd, warmup_epochs=0.0))
+    return {"kd_unprotected": unprotected, "kd": kd, "scratch": base, "scratch_matched": matched_scratch(kd)}
 
 
 def run_one(cfg: DistillConfig, out: Path, data, cache_dir: Path) -> dict:

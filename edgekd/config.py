@@ -137,6 +137,10 @@ class RecipeConfig:
     # fp32; bf16: bf16 autocast on CPU or CUDA, no scaler (bf16 has fp32's range); fp16: CUDA only
     precision: str = "auto"
     eval_batch_size: int = 1024
+    # A step's gradient norm is clipped to this multiple of its running average (after 20 steps), for
+    # scratch and KD runs alike; None turns it off. One spiking step killed a student without batch
+    # norm under KD (benchmarks/results/kd_stability_digits28.md); 4x leaves ordinary steps alone.
+    clip_grad: float | None = 4.0
     # Share of each batch shown a second time, freshly augmented, with the label loss (batch
     # augmentation). 0 for an ordinary run; a distilled student's matched scratch twin sets it to the
     # KD run's fresh_share, so both make the same number of student passes on the same augmentation.
@@ -148,7 +152,8 @@ class RecipeConfig:
             "lr": ("above", 0.0), "momentum": ("between", 0.0, 1.0), "weight_decay": ("min", 0.0),
             "schedule": ("choice", ("onecycle", "cosine", "constant")), "label_smoothing": ("between", 0.0, 0.99),
             "augment_pad": ("min", 0), "seed": ("min", 0), "eval_batch_size": ("min", 1),
-            "precision": ("choice", ("auto", "fp32", "bf16", "fp16")), "repeat_share": ("between", 0.0, 1.0)})
+            "precision": ("choice", ("auto", "fp32", "bf16", "fp16")), "repeat_share": ("between", 0.0, 1.0),
+            "clip_grad": ("above", 1.0)})
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigValueError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -168,8 +173,7 @@ class KDConfig:
     fresh_share: float = 1.0
     # The KD term's weight ramps linearly from 0 to (1 - alpha) over this many epochs (the label loss
     # takes the rest). Its gradient is T * (p_student - p_teacher), up to T times the label loss's
-    # while an untrained student is far from its teacher; at full weight from step 1 it made a student
-    # without batch norm diverge on one seed in three (benchmarks/results/kd_stability.md).
+    # while an untrained student is far from its teacher (benchmarks/results/kd_stability_digits28.md).
     warmup_epochs: float = 1.0
     teacher_mean: tuple[float, ...] = (0.0,)  # normalization foreign-format teachers expect on [0, 1] pixels
     teacher_std: tuple[float, ...] = (1.0,)

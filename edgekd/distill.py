@@ -426,9 +426,10 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     optimizer = _optimizer(model, r)
     scheduler = _scheduler(optimizer, r, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.scaled)
+    clip = GradClipper(model.parameters(), r.clip_grad, rt.device)
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "history": [], "elapsed_s": 0.0}
     if resume:
-        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler, scaler, rt.device)
+        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler, scaler, rt.device, clip)
         if on_step:
             on_step("resumed", state["epoch"], r.epochs, {"best_val_acc": state["best_val_acc"]})
     if rt.world > 1:
@@ -437,7 +438,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         atomic_write_json(out / "config.json", cfg.to_dict())
 
     weights = torch.tensor(kd.teacher_weights, device=rt.device) if kd.teacher_weights else None
-    loop = Loop(model, data, spec, optimizer, scheduler, scaler, precision, rt, r, kd, pad, flip, teachers, cache, weights)
+    loop = Loop(model, data, spec, optimizer, scheduler, scaler, precision, rt, r, kd, pad, flip, teachers, cache, weights,
+                clip)
     resumed_s = state["elapsed_s"]
     for epoch in range(state["epoch"] + 1, r.epochs + 1):
         t0 = time.perf_counter()
@@ -457,7 +459,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
                 state["best_val_acc"], state["best_epoch"] = val_acc, epoch
                 save_checkpoint(out / "best.pt", model, meta, epoch=epoch, val_acc=val_acc)
             save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(),
-                            **_resume_state(optimizer, scheduler, scaler, rt.device), **state)
+                            **_resume_state(optimizer, scheduler, scaler, rt.device, clip), **state)
             _write_history(out, state["history"])
         if on_step:
             on_step("epoch", epoch, r.epochs, record)
@@ -541,6 +543,41 @@ def _scheduler(optimizer, r, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+class GradClipper:
+    """Clips each step's gradient norm to ``factor`` times its running average, without a host sync.
+
+    Our own rather than ``torch.nn.utils.clip_grad_norm_``: that takes a fixed bound, and what a
+    fixed bound means depends on the model's scale; a bound relative to the run's own recent norms
+    catches the one-step spikes that kill a network without batch norm (a KD student's norm jumped
+    from about 1.5 to 23.5 in the step before it collapsed) and leaves ordinary steps alone."""
+
+    def __init__(self, params, factor: float | None, device: torch.device, warmup_steps: int = 20,
+                 decay: float = 0.98) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.factor, self.warmup_steps, self.decay = factor, warmup_steps, decay
+        self.avg = torch.zeros((), device=device)  # running average of the (clipped) norms
+        self.steps = torch.zeros((), device=device)  # finite steps seen
+
+    def __call__(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self.factor is None or not grads:
+            return
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        bound = torch.where(self.steps >= self.warmup_steps, self.factor * self.avg, torch.full_like(total, math.inf))
+        torch._foreach_mul_(grads, torch.clamp(bound / (total + 1e-6), max=1.0))
+        seen = torch.minimum(total, bound)
+        ok = torch.isfinite(total)  # an fp16 overflow step is skipped by the GradScaler: not counted
+        self.avg = torch.where(ok, torch.where(self.steps == 0, seen, self.decay * self.avg + (1 - self.decay) * seen),
+                               self.avg)
+        self.steps = self.steps + ok.float()
+
+    def state_dict(self) -> dict:
+        return {"avg": self.avg.cpu(), "steps": self.steps.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.avg, self.steps = state["avg"].to(self.avg.device), state["steps"].to(self.steps.device)
+
+
 @dataclass(frozen=True)
 class Loop:
     """What every training step reads, fixed for the run."""
@@ -560,6 +597,7 @@ class Loop:
     teachers: list[FunctionTeacher]
     cache: TeacherCache | None
     weights: torch.Tensor | None  # (M,) on the training device
+    clip: GradClipper
 
 
 @dataclass(frozen=True)
@@ -600,6 +638,8 @@ def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float,
         _check_finite(loss, loop.rt, epoch, step + 1)
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
+        loop.scaler.unscale_(loop.optimizer)  # a no-op unless fp16 scales the loss
+        loop.clip()
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
         loop.scheduler.step()
@@ -671,7 +711,8 @@ def _teacher_logits(teachers: list[FunctionTeacher], x_unit: torch.Tensor, devic
     return torch.stack([t(x_unit).to(device).float() for t in teachers])
 
 
-def _resume_state(optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device) -> dict:
+def _resume_state(optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device,
+                  clip: GradClipper | None = None) -> dict:
     """What ``last.pt`` holds besides the weights so that a resumed run continues as an uninterrupted
     one: optimizer, schedule, GradScaler, and the RNGs that dropout and random layers draw from
     (torch's CPU generator; on CUDA this process's device: every rank seeds and draws alike, and
@@ -681,10 +722,13 @@ def _resume_state(optimizer, scheduler, scaler: torch.amp.GradScaler, device: to
              "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if clip is not None:
+        state["clip"] = clip.state_dict()
     return state
 
 
-def _load_resume_state(ckpt: dict, optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device) -> None:
+def _load_resume_state(ckpt: dict, optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device,
+                       clip: GradClipper | None = None) -> None:
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):  # {} when saved without fp16 (a disabled scaler): a fresh scaler is what it had
@@ -692,14 +736,16 @@ def _load_resume_state(ckpt: dict, optimizer, scheduler, scaler: torch.amp.GradS
     torch.set_rng_state(ckpt["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in ckpt:
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    if clip is not None and "clip" in ckpt:
+        clip.load_state_dict(ckpt["clip"])
 
 
-def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler, device) -> dict:
+def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler, device, clip=None) -> dict:
     ckpt = load_checkpoint(path)
     if not _same_config(ckpt.get("config", {}), cfg):
         raise EdgeKDError(f"{path.parent} was started with a different config; resume with the same options or use a new --out")
     unwrap(model).load_state_dict(ckpt["state_dict"])
-    _load_resume_state(ckpt, optimizer, scheduler, scaler, device)
+    _load_resume_state(ckpt, optimizer, scheduler, scaler, device, clip)
     return {k: ckpt[k] for k in ("epoch", "best_val_acc", "best_epoch", "history", "elapsed_s")}
 
 

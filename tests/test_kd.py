@@ -89,3 +89,26 @@ def test_a_collapsed_run_stops_without_a_best_model(tmp_path):
         _check_collapse(history, {"epoch": 2, "train_acc": 15.0, "train_loss": 2.3}, 10, 0.1, tmp_path)
     assert not (tmp_path / "best.pt").exists()
     _check_collapse([{"train_acc": 15.0}], {"epoch": 2, "train_acc": 5.0, "train_loss": 2.3}, 10, 0.1, tmp_path)  # never learned: no verdict
+
+
+def test_grad_clipper_caps_a_spike_relative_to_recent_steps_and_resumes():
+    from edgekd.distill import GradClipper
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    clip = GradClipper([p], factor=4.0, device=torch.device("cpu"), warmup_steps=3)
+    norms = []
+    for scale in (1.0, 1.0, 1.0, 1.0, 100.0, 1.0):
+        p.grad = torch.full((4,), scale / 2)  # norm = scale
+        clip()
+        norms.append(float(p.grad.norm()))
+    assert norms[:4] == pytest.approx([1.0] * 4) and norms[5] == pytest.approx(1.0)
+    assert norms[4] == pytest.approx(4.0, rel=1e-4)  # 100 clipped to 4x the running average of 1
+    again = GradClipper([p], factor=4.0, device=torch.device("cpu"), warmup_steps=3)
+    again.load_state_dict(clip.state_dict())
+    p.grad = torch.full((4,), 50.0)
+    again()
+    assert float(p.grad.norm()) < 20  # the restored average still bounds the next spike
+    off = GradClipper([p], factor=None, device=torch.device("cpu"))
+    p.grad = torch.full((4,), 50.0)
+    off()
+    assert float(p.grad.norm()) == 100.0
