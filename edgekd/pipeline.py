@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig, build, check_fields, load_toml
 from edgekd.errors import EdgeKDError
+from edgekd.files import clean_stale_temps
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
     if not resume and out.is_dir() and any(out.iterdir()):
         raise EdgeKDError(f"{out} already holds a run; pass --resume to continue it (finished stages are skipped) "
                           "or choose another --out")
+    clean_stale_temps(out)  # orphans of a killed run in the run's top folder (each stage cleans its own)
     d = cfg.data
     data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
                      test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)

@@ -330,9 +330,10 @@ def bench_html(report, plots: dict[str, Path]) -> str:
 
 def write_bench_report(report, folder: Path) -> dict[str, Path]:
     """bench.json, bench.md, the PNG plots and report.html in ``folder``, each written atomically."""
-    from edgekd.files import atomic_write_json, atomic_write_text
+    from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
 
     folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(folder)
     plots = bench_plots(report, folder)
     atomic_write_json(folder / "bench.json", report.to_dict())
     atomic_write_text(folder / "bench.md", bench_markdown(report))
