@@ -3,13 +3,7 @@
 The public API re-exported here is what the CLI calls; Python users can call it directly.
 """
 
-import os
-
-# TensorFlow (loaded lazily for TFLite conversion and Keras/TFLite teachers) prints C++ log lines
-# to the terminal when it loads unless this is set first; a user's own setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig  # noqa: E402
+from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 from edgekd.data import ImageData, load_data
 from edgekd.distill import TrainResult, train
 from edgekd.errors import EdgeKDError
