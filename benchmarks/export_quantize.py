@@ -26,7 +26,8 @@ def measure(name: str, checkpoint: Path) -> dict:
     import numpy as np
     import torch
 
-    from edgekd.bench import latency_fn, time_calls
+    from edgekd.bench import latency_fn
+    from edgekd.timing import time_calls
     from edgekd.checkpoint import load_model
     from edgekd.export import Deployable, model_input, resolve_data
     from edgekd.quantize import quantize

@@ -8,7 +8,8 @@ from edgekd.data import ImageData, load_data
 from edgekd.distill import TrainResult, train
 from edgekd.errors import EdgeKDError
 from edgekd.losses import distillation_loss, kd_kl, soft_teacher_log_probs
-from edgekd.zoo import build_model, list_architectures, load_teacher
+from edgekd.teachers import load_teacher
+from edgekd.zoo import build_model, list_architectures
 
 __all__ = [
     "DataConfig", "DistillConfig", "EdgeKDError", "ImageData", "KDConfig", "ModelConfig", "RecipeConfig",

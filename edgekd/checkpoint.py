@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_bytes
+from edgekd.zoo import build_model
 
 FORMAT = "edgekd.checkpoint/1"
 MODEL_KEYS = ("arch", "arch_kwargs", "classes", "in_channels", "input_size", "mean", "std")
@@ -64,8 +65,6 @@ def model_meta(ckpt: dict) -> dict:
 
 
 def build_from_meta(meta: dict) -> nn.Module:
-    from edgekd.zoo import build_model
-
     kwargs = {k: v for k, v in meta["arch_kwargs"].items() if k != "pretrained" and k != "weights_path"}
     return build_model(meta["arch"], len(meta["classes"]), meta["in_channels"], tuple(meta["input_size"]), **kwargs)
 

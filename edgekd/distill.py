@@ -30,7 +30,8 @@ from edgekd.config import DistillConfig, KDConfig, RecipeConfig, distill_config_
 from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_unit
 from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
-from edgekd.zoo import FunctionTeacher, build_model, count_params, fit_input, load_teacher
+from edgekd.teachers import FunctionTeacher, load_teacher
+from edgekd.zoo import build_model, count_params, fit_input
 
 OnStep = Callable[[str, int, int, dict], None]
 OPTIMIZERS = {

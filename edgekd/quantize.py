@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgekd.bench import time_calls
 from edgekd.checkpoint import load_model
 from edgekd.files import read_json, staged_output
+from edgekd.timing import time_calls
 from edgekd.data import ImageData
 from edgekd.errors import EdgeKDError
 from edgekd.export import (

@@ -2,7 +2,7 @@ import time
 
 import numpy as np
 
-from edgekd.bench import LatencyStats, time_calls
+from edgekd.timing import LatencyStats, time_calls
 
 
 def test_percentile_arithmetic():

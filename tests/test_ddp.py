@@ -21,7 +21,7 @@ from edgekd.cli import app
 from edgekd.distill import (EpochOrder, Runtime, TeacherCache, _batch_views, _check_finite, _load_resume_state,
                             _resume_state, _same_config, _teacher_logits, _wait_for_cache, resolve_precision)
 from edgekd.errors import EdgeKDError
-from edgekd.zoo import ForeignInput, FunctionTeacher
+from edgekd.teachers import ForeignInput, FunctionTeacher
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -299,7 +299,7 @@ def test_unpadded_first_conv_exports_no_border_constant(tmp_path):
 
 
 def test_quantized_softmax_teacher_is_not_softmaxed_twice():
-    from edgekd.zoo import FunctionTeacher, OutputsAsLogits, looks_like_probabilities
+    from edgekd.teachers import FunctionTeacher, OutputsAsLogits, looks_like_probabilities
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 10, generator=gen) * 3
@@ -324,7 +324,7 @@ def test_onnx_teacher_with_a_quantized_softmax_output_uses_its_scale(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from edgekd.zoo import load_teacher
+    from edgekd.teachers import load_teacher
 
     consts = [helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 256]),
               helper.make_tensor("zero", TensorProto.UINT8, [], [0]), helper.make_tensor("sharp", TensorProto.FLOAT, [], [4.0])]

@@ -11,7 +11,7 @@ from edgekd.checkpoint import load_model
 from edgekd.data import to_unit
 from edgekd.distill import check_teachers
 from edgekd.errors import EdgeKDError
-from edgekd.zoo import load_teacher
+from edgekd.teachers import load_teacher
 
 
 class Normalized(torch.nn.Module):
@@ -146,7 +146,7 @@ def test_cpu_teacher_runs_through_onnxruntime_and_matches_eager(teacher_run):
     """edgekd teachers on the CPU run via onnxruntime (faster cache); outputs equal PyTorch's."""
     from edgekd.checkpoint import load_model
     from edgekd.export import Deployable
-    from edgekd.zoo import load_teacher
+    from edgekd.teachers import load_teacher
 
     path = Path(teacher_run.out_dir) / "best.pt"
     t = load_teacher(path)

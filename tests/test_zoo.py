@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from edgekd.errors import EdgeKDError
-from edgekd.zoo import OutputsAsLogits, build_model, count_params, guess_layout, list_architectures
+from edgekd.teachers import OutputsAsLogits, guess_layout
+from edgekd.zoo import build_model, count_params, list_architectures
 
 SEED_COUNTS = [  # published parameter counts at each seed's input size
     ("seed002_teacher", 10, 3, 32, 1_186_986), ("seed002_student", 10, 3, 32, 267_738),
