@@ -77,7 +77,8 @@ def build_files(arch: str, folder: Path) -> list[Path]:
 
 
 def main() -> None:
-    from edgekd.bench import environment, load_runtime, time_calls
+    from edgekd.bench import environment, load_runtime
+    from edgekd.timing import time_calls
 
     rows = []
     x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
