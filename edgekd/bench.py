@@ -560,6 +560,8 @@ def _with_deltas(rows: list[BenchRow], teacher: BenchRow | None) -> list[BenchRo
             out.append(r)
             continue
         vs_t = delta(r, teacher) if teacher is not None and teacher.status == "ok" and r is not teacher else None
+        if vs_t is not None and r.runtime != teacher.runtime:  # a LiteRT student against an eager PyTorch
+            vs_t = dataclasses.replace(vs_t, speedup=None)    # teacher would credit the runtime, not the model
         base = fp32_counterpart(r, rows)
         vs_f = delta(r, base) if base is not None else None
         warnings = list(r.warnings)

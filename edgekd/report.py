@@ -109,7 +109,8 @@ def bench_table(report) -> Table:
     table = Table(title=f"edgekd bench: {report.data['name']} test split ({report.data['test_images']:,} images), "
                         f"batch 1 on {s['threads']} thread(s), img/s at batch {s['batch']}",
                   caption="agree: % of test images with the teacher's top-1; vs teacher: accuracy points, speed-up "
-                          "(p50), size change; vs fp32: the same-format fp32 file (or source checkpoint)")
+                          "(p50; '-' when the teacher ran in another runtime), size change; vs fp32: the same-format "
+                          "fp32 file (or source checkpoint)")
     for col in ("model", "runtime", "size", "top-1", "agree", "p50 ms", "p99 ms", "img/s", "vs teacher", "vs fp32"):
         table.add_column(col, justify="left" if col in ("model", "runtime") else "right", no_wrap=True)
     for r in report.rows:
@@ -120,7 +121,7 @@ def bench_table(report) -> Table:
         table.add_row(
             r.name, f"{r.format} {r.precision}", f"{r.size_bytes / 1024:,.1f} KiB", _num(r.top1, ".2f"),
             _num(r.agreement, ".1f"), f"{lat.p50_ms:.3f}", f"{lat.p99_ms:.3f}", f"{r.throughput_ips:,.0f}",
-            "-" if t is None else f"{t.acc_pts:+.2f} {t.speedup:.1f}x {-t.size_reduction_pct:+.0f}%",
+            "-" if t is None else f"{t.acc_pts:+.2f} {_num(t.speedup, '.1f')}x {-t.size_reduction_pct:+.0f}%",
             "-" if f is None else f"{f.acc_pts:+.2f} {f.speedup:.2f}x",
             style="bold" if r.name == report.teacher else None)
     return table

@@ -26,6 +26,7 @@ def test_time_calls_meets_both_run_count_and_duration():
 # ---------------------------------------------------------------------------------------------
 # edgekd bench: deltas, schema, failed rows, report sections.
 
+import dataclasses
 import json
 from importlib import resources
 
@@ -48,6 +49,18 @@ def test_delta_arithmetic():
     d = delta(student, teacher)
     assert d.against == "t" and np.isclose(d.acc_pts, -1.5) and np.isclose(d.speedup, 4.0)
     assert np.isclose(d.size_reduction_pct, 75.0) and np.isclose(d.compression, 4.0)
+
+
+def test_speed_up_against_the_teacher_only_in_the_same_runtime():
+    """A LiteRT student against an eager PyTorch teacher would credit the runtime, not the model."""
+    from edgekd.bench import _with_deltas
+
+    rows = [_row("t", "t.pt", "pytorch", "fp32", 90.0, 4000, 2.0), _row("s", "s.pt", "pytorch", "fp32", 88.0, 1000, 0.5),
+            _row("f", "d/model_int8.tflite", "tflite", "int8", 87.5, 300, 0.01)]
+    rows = [dataclasses.replace(r, runtime={"pytorch": "pytorch", "tflite": "litert"}[r.format]) for r in rows]
+    t, s, f = _with_deltas(rows, rows[0])
+    assert t.vs_teacher is None and np.isclose(s.vs_teacher.speedup, 4.0)
+    assert f.vs_teacher.speedup is None and np.isclose(f.vs_teacher.acc_pts, -2.5) and np.isclose(f.vs_teacher.compression, 4000 / 300)
 
 
 def test_fp32_counterpart_same_format_and_folder_then_source(tmp_path):
@@ -121,6 +134,7 @@ def test_bench_rows_for_every_format_and_failed_rows(digits_bench):
     int8 = next(r for r in ok if r.format == "tflite" and r.precision == "int8")
     assert int8.vs_fp32.against.endswith("model_fp32.tflite")
     assert np.isclose(int8.vs_teacher.acc_pts, int8.top1 - teacher.top1)
+    assert int8.runtime != teacher.runtime and int8.vs_teacher.speedup is None  # see the test below
     assert rep.focus == max((r for r in ok if r.precision == "int8"), key=lambda r: r.top1).name
     # the params come from the checkpoint every file was exported from
     assert len({r.params for r in ok}) == 1
