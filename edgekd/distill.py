@@ -68,6 +68,9 @@ class TrainResult:
     teachers: tuple[TeacherReport, ...] = ()
     history: tuple[dict, ...] = field(default=(), repr=False)
     data_summary: dict = field(default_factory=dict, repr=False)  # what was read (edgekd.data.summarize)
+    # slow batch-norm statistics were re-estimated on training images before each evaluation
+    # (recalibrate_batch_norm): the saved weights' statistics match them
+    bn_recalibrated: bool = False
 
     def summary(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "history"}
@@ -184,6 +187,42 @@ def predict_logits(model: nn.Module, x_u8: torch.Tensor, spec: InputSpec, device
     outs = [model(spec(to_unit(x_u8[i:i + batch_size].to(device)))).float().cpu()
             for i in range(0, len(x_u8), batch_size)]
     return torch.cat(outs) if outs else torch.zeros(0)
+
+
+SLOW_BN_MOMENTUM = 0.05  # torchvision's MobileNetV3 and EfficientNet use 0.01; PyTorch's default is 0.1
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, x_u8: torch.Tensor, spec: InputSpec, device,
+                           batch_size: int = 1024, max_images: int = 4096) -> bool:
+    """Re-estimate the running statistics of batch norms whose momentum is too slow to track their weights.
+
+    With momentum 0.01, a short run's running statistics stay near their initial values while the weights
+    move on, so the eval-mode network (and every file exported from it) is at chance while training
+    accuracy is high. Such layers get exact averages over up to ``max_images`` unaugmented training
+    images (a forward pass in train mode, no gradient); nothing else changes. Returns whether it ran."""
+    slow = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and m.momentum is not None and m.momentum < SLOW_BN_MOMENTUM]
+    if not slow:
+        return False
+    others = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in slow]
+    saved = [(m, m.momentum) for m in slow + others]
+    for m in slow:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    for m in others:
+        m.momentum = 0.0  # running = 1 * running + 0 * batch: left as they are
+    was_training = model.training
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()  # no random draws: the pass neither changes the RNG nor sees dropped units
+    for i in range(0, min(len(x_u8), max_images), batch_size):
+        model(spec(to_unit(x_u8[i:min(i + batch_size, max_images)].to(device))))
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.train(was_training)
+    return True
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -445,10 +484,12 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     for epoch in range(state["epoch"] + 1, r.epochs + 1):
         t0 = time.perf_counter()
         train_loss, train_acc, passes = _train_epoch(loop, epoch, on_step)
+        recalibrated = recalibrate_batch_norm(unwrap(model), data.train_x, spec, rt.device, r.eval_batch_size)
         val_logits = predict_logits(unwrap(model), data.val_x, spec, rt.device, r.eval_batch_size)
         val_loss = float(nn.functional.cross_entropy(val_logits, data.val_y))
         val_acc = accuracy(val_logits, data.val_y)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "student_passes": passes,
+                  "bn_recalibrated": recalibrated,
                   "val_loss": val_loss,
                   "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
         _check_collapse(state["history"], record, data.num_classes, r.lr, out)
@@ -472,7 +513,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     images = len(data.train_x) * r.epochs
     result = TrainResult(out, meta["arch"], count_params(best), state["best_val_acc"], test_acc, r.epochs,
                          state["best_epoch"], train_s, cache_s, images / train_s if train_s else 0.0,
-                         str(rt.device), tuple(teacher_reports), tuple(state["history"]), data.summary)
+                         str(rt.device), tuple(teacher_reports), tuple(state["history"]), data.summary,
+                         any(h.get("bn_recalibrated", False) for h in state["history"]))
     if rt.main:
         atomic_write_json(out / "result.json", result.summary())
     if rt.world > 1:
