@@ -479,14 +479,13 @@ def _scores(spec: ModelSpec, loaded: Loaded, x: np.ndarray, num_classes: int) ->
 def _resize_warning(spec: ModelSpec, loaded: Loaded, data) -> str | None:
     """A warning when the model's input size differs from the data's images, unless its run chose that
     size on purpose (``model.input_size`` in its config.json): resized images can score near chance."""
-    from edgekd.files import read_json
+    from edgekd.checkpoint import chosen_input_size
 
     model_hw, data_hw = tuple(loaded.input_size), tuple(data.image_size)
     if model_hw == data_hw:
         return None
     ckpt = loaded.source or (spec.path if spec.path.suffix in (".pt", ".pth") else None)
-    chosen = read_json(ckpt.parent / "config.json").get("model", {}).get("input_size") if ckpt else None
-    if chosen is not None and (chosen, chosen) == model_hw:
+    if ckpt is not None and chosen_input_size(ckpt) == model_hw:
         return None
     return (f"{spec.name}: model input is {model_hw[0]}x{model_hw[1]} pixels but the {data.name} images are "
             f"{data_hw[0]}x{data_hw[1]}; they were resized to fit, so this accuracy may mean little: "

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.errors import EdgeKDError
-from edgekd.files import atomic_write_bytes
+from edgekd.files import atomic_write_bytes, read_json
 from edgekd.zoo import build_model
 
 FORMAT = "edgekd.checkpoint/1"
@@ -85,6 +85,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except RuntimeError as exc:
         raise EdgeKDError(f"{path}: weights do not fit architecture {meta['arch']!r} ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), meta
+
+
+def chosen_input_size(ckpt: str | Path) -> tuple[int, int] | None:
+    """The input size a checkpoint's run chose on purpose (``model.input_size`` in the config.json beside
+    it, e.g. 48 px for an ImageNet backbone on 32 px data): resizing to it is intended, not a mismatch."""
+    size = read_json(Path(ckpt).parent / "config.json").get("model", {}).get("input_size")
+    return (size, size) if isinstance(size, int) else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -183,6 +183,9 @@ class KDConfig:
                             "temperature": ("above", 0.0), "cache_views": ("min", 0), "fresh_share": ("between", 0.0, 1.0),
                             "warmup_epochs": ("min", 0.0),
                             "teacher_std": ("each", ("above", 0.0))})
+        for name in ("teacher_mean", "teacher_std"):
+            if len(getattr(self, name)) not in (1, 3):
+                raise ConfigValueError(name, f"must have 1 value or 3 (one per RGB channel), got {list(getattr(self, name))}")
         if self.teacher_weights and sum(self.teacher_weights) <= 0:
             raise ConfigValueError("teacher_weights", f"must have a positive sum, got {list(self.teacher_weights)}")
 

@@ -200,7 +200,8 @@ def recalibrate_batch_norm(model: nn.Module, x_u8: torch.Tensor, spec: InputSpec
     With momentum 0.01, a short run's running statistics stay near their initial values while the weights
     move on, so the eval-mode network (and every file exported from it) is at chance while training
     accuracy is high. Such layers get exact averages over up to ``max_images`` unaugmented training
-    images (a forward pass in train mode, no gradient); nothing else changes. Returns whether it ran."""
+    images, spread over the split (a forward pass in train mode, no gradient; batches weigh equally); nothing
+    else changes. Returns whether it ran."""
     slow = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.track_running_stats and m.momentum is not None and m.momentum < SLOW_BN_MOMENTUM]
     if not slow:
@@ -217,8 +218,10 @@ def recalibrate_batch_norm(model: nn.Module, x_u8: torch.Tensor, spec: InputSpec
     for m in model.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.eval()  # no random draws: the pass neither changes the RNG nor sees dropped units
-    for i in range(0, min(len(x_u8), max_images), batch_size):
-        model(spec(to_unit(x_u8[i:min(i + batch_size, max_images)].to(device))))
+    # evenly spaced over the split: ImageFolder splits are sorted by class, so the first images would be a few classes
+    idx = torch.linspace(0, len(x_u8) - 1, min(len(x_u8), max_images)).round().long()
+    for i in range(0, len(idx), batch_size):
+        model(spec(to_unit(x_u8[idx[i:i + batch_size]].to(device))))
     for m, momentum in saved:
         m.momentum = momentum
     model.train(was_training)
@@ -259,6 +262,7 @@ def check_teachers(teachers: list[FunctionTeacher], data: ImageData, batch_size:
 
 
 def _size_warnings(t: FunctionTeacher, data: ImageData, acc: float) -> tuple[str, ...]:
+    """A warning when a teacher resizes the data to another size than its run chose (``input_size`` None)."""
     if t.input_size is None or tuple(t.input_size) == tuple(data.image_size):
         return ()
     (h, w), (dh, dw) = t.input_size, data.image_size
@@ -329,6 +333,8 @@ def _load_or_build_cache(cache_dir: Path, keys: list[str], teachers, data, views
     share its outputs: rank 0 reads those made with the same key and builds the others; other
     ranks wait for rank 0's files (``_wait_for_cache``) and read them."""
     paths = [cache_dir / f"teacher-{k}.pt" for k in keys]
+    if rt.main:
+        clean_stale_temps(cache_dir)
     if not rt.main:
         parts = _wait_for_cache(paths, keys)
         return TeacherCache(parts[0].params, torch.cat([c.logits for c in parts]))
@@ -792,8 +798,13 @@ def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler
     return {k: ckpt[k] for k in ("epoch", "best_val_acc", "best_epoch", "history", "elapsed_s")}
 
 
+# What a run saved before a field existed did: resuming it under today's default would change its recipe.
+LEGACY = {"recipe": {"precision": "auto", "clip_grad": None, "repeat_share": 0.0}, "kd": {"warmup_epochs": 0.0}}
+
+
 def _same_config(saved: dict, cfg: DistillConfig) -> bool:
-    """Whether a run's saved config is ``cfg``; fields added since it was saved take their defaults."""
+    """Whether a run's saved config is ``cfg``; a field added since it was saved counts as what the run did then."""
+    saved = {k: {**LEGACY.get(k, {}), **v} if isinstance(v, dict) else v for k, v in saved.items()}
     try:
         return distill_config_from_dict(saved).to_dict() == cfg.to_dict()
     except EdgeKDError:  # a key this version does not know

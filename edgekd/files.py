@@ -20,21 +20,39 @@ from typing import Any, Callable, Iterator
 TEMP_PREFIX = ".edgekd-tmp-"
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, finished files get the user's usual mode
+
+
 def temp_name(dest: Path) -> str:
-    """The prefix of a temporary for ``dest`` (``mkstemp``/``mkdtemp`` add a random tail)."""
-    return f"{TEMP_PREFIX}{Path(dest).name}-"
+    """The prefix of a temporary for ``dest``: it names the writing process, so a cleanup can tell an
+    orphan of a dead process from the work of a live one (``mkstemp``/``mkdtemp`` add a random tail)."""
+    return f"{TEMP_PREFIX}{Path(dest).name}-pid{os.getpid()}-"
+
+
+def _owner_alive(name: str) -> bool:
+    pid = name.rsplit("-pid", 1)[-1].split("-", 1)[0] if "-pid" in name else ""
+    if not pid.isdigit():
+        return False  # no owner recorded: an orphan
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove temporaries a killed edgekd process left in ``folder``; returns what was removed.
+    """Remove temporaries that killed edgekd processes left in ``folder``; returns what was removed.
 
-    Only names with edgekd's prefix are touched. Call it before writing into a folder, never
-    while another edgekd process writes there.
+    Only names with edgekd's prefix whose writing process is gone are touched: another edgekd
+    command writing into the same folder at the same time keeps its work.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]
+    stale = [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX) and not _owner_alive(p.name)]
     for p in stale:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -49,6 +67,7 @@ def atomic_write_bytes(path: Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_name(path), dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         write(Path(tmp))
         os.replace(tmp, path)

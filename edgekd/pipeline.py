@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -104,8 +105,9 @@ def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
             raise EdgeKDError(f"unknown key teachers[{i}].{extra[0]}; valid keys: name, model, recipe, file")
         if "name" not in t:
             raise EdgeKDError(f"teachers[{i}] needs a name")
-        if not isinstance(t["name"], str) or not t["name"] or "/" in t["name"]:
-            raise EdgeKDError(f"teachers[{i}].name must be a non-empty string without '/', got {t['name']!r}")
+        if not isinstance(t["name"], str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", t["name"]):
+            raise EdgeKDError(f"teachers[{i}].name must be letters, digits, '_', '-' or '.' (a folder name), "
+                              f"got {t['name']!r}")
         if t.get("file") is not None and not isinstance(t["file"], str):
             raise EdgeKDError(f"teachers[{i}].file must be a string (a path), got {t['file']!r}")
         teachers.append(TeacherEntry(t["name"], build(ModelConfig, t.get("model", {}), f"teachers[{i}].model"),
@@ -173,8 +175,10 @@ def _override(values: dict, item: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise EdgeKDError(f"--set {key}: {'.'.join(parts[:i])} has no item {part}")
             node = node[int(part)]
-        else:
+        elif isinstance(node, dict):
             node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise EdgeKDError(f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a table of keys")
     if isinstance(node, list):
         raise EdgeKDError(f"--set {key}: give an item index before the key")
     node[parts[-1]] = value
@@ -310,7 +314,7 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
     from edgekd.files import atomic_write_json, sha256_file
 
     artifacts = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*"))
-                 if p.is_file() and p.name != "manifest.json" and not any(part.startswith(".") for part in p.parts)}
+                 if p.is_file() and p.name != "manifest.json" and not any(part.startswith(".") for part in p.relative_to(out).parts)}
     quant = out / "deploy" / "quantize.json"
     calib = json.loads(quant.read_text())["calibration"]["sha256"] if quant.is_file() else None
     seeds = {"split_seed": cfg.data.split_seed, "student_seed": cfg.student_recipe.seed,

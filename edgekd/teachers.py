@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgekd.checkpoint import load_model
+from edgekd.checkpoint import chosen_input_size, load_model
 from edgekd.errors import EdgeKDError
 from edgekd.registry import Registry
 from edgekd.zoo import fit_input
@@ -52,6 +52,10 @@ class ForeignInput:
                 raise EdgeKDError(f"teacher expects {self.channels} input channels, the data has {x.shape[1]}")
         if self.size and tuple(x.shape[2:]) != tuple(self.size):
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        for name, values in (("--teacher-mean", self.mean), ("--teacher-std", self.std)):
+            if len(values) not in (1, x.shape[1]):
+                raise EdgeKDError(f"{name} has {len(values)} values and the teacher reads {x.shape[1]} channel(s); "
+                                  f"give 1 value or {x.shape[1]}")
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         x = (x - mean) / std
@@ -191,7 +195,8 @@ def _load_torch_teacher(path: Path, device, mean, std) -> FunctionTeacher:
 
     fast = _onnxruntime_forward(model, meta, run) if device.type == "cpu" else None
     return FunctionTeacher(path.name, fast or run, tuple(meta["classes"]), kind="edgekd (onnxruntime)" if fast else "edgekd",
-                           as_logits=OutputsAsLogits(probabilities=False), input_size=size)
+                           as_logits=OutputsAsLogits(probabilities=False),
+                           input_size=None if chosen_input_size(path) == tuple(size) else size)  # resizing was chosen
 
 
 def _onnxruntime_forward(model: nn.Module, meta: dict, eager) -> Callable | None:

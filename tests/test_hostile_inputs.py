@@ -7,6 +7,7 @@ error caught before work starts, no ``.edgekd-tmp-*`` temporary ever).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -113,6 +114,9 @@ def test_bad_toml_values_name_the_key(tmp_path, text, message):
     ("package.precision='int4'", "package.precision must be one of int8, fp32"),
     ("nope.key=1", "unknown section [nope]"),
     ("student_recipe", "write KEY=VALUE"),
+    ("student_recipe.epochs.x=1", "student_recipe.epochs is a value, not a table of keys"),
+    ("teachers.0.name='..'", "teachers[0].name must be letters, digits"),
+    ("kd.teacher_mean=[0.1, 0.2]", "kd.teacher_mean must have 1 value or 3"),
 ])
 def test_run_overrides_are_checked_before_any_training(tmp_path, setting, message):
     out = tmp_path / "run"
@@ -212,12 +216,24 @@ def test_stale_temporaries_are_cleaned_and_user_files_kept(tmp_path):
     out.mkdir()
     (out / ".edgekd-tmp-best.pt-abc123").write_bytes(b"orphan of a killed run")
     (out / ".edgekd-tmp-export-xyz").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f".edgekd-tmp-last.pt-pid{dead.pid}-q1").write_bytes(b"orphan of a dead process")
+    live = out / f".edgekd-tmp-model.onnx-pid{os.getppid()}-q2"  # a live process (pytest's parent) still writing
+    live.write_bytes(b"another command's work in progress")
     (out / "notes.txt").write_text("mine")
     result = runner.invoke(app, ["train", "--arch", "seed003_student", "--epochs", "1", "--batch-size", "512",
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
-    _no_temps(out)
+    assert [p.name for p in out.glob(".edgekd-tmp-*")] == [live.name]
     assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "best.pt").stat().st_mode & 0o777 == 0o666 & ~_umask()  # the user's usual mode, not 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -246,7 +262,7 @@ def test_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
     (lambda p: p / "missing.pt", "teacher file not found"),
     (lambda p: (p / "t.txt").write_text("x") and p / "t.txt", "unknown teacher format '.txt'"),
     (lambda p: (p / "t.pt").write_bytes(b"PK\x03\x04 truncated") and p / "t.pt", "corrupt or not a PyTorch file"),
-    (lambda p: (p / "t.onnx").write_bytes(b"\x08\x07 not a model") and p / "t.onnx", "t.onnx"),
+    (lambda p: (p / "t.onnx").write_bytes(b"\x08\x07 not a model") and p / "t.onnx", "could not load ONNX teacher"),
 ])
 def test_bad_teacher_files(tmp_path, make, message):
     teacher = make(tmp_path)
@@ -326,7 +342,7 @@ def test_kill_and_resume_at_several_moments_gives_the_same_models(tmp_path):
     final = _edgekd("run", str(cfg), "--out", str(run), "--resume")
     assert final.wait() == 0, final.stderr.read()
     _no_temps(run)
-    for model in ("teachers/t", "students/scratch", "students/kd_best"):
+    for model in ("teachers/t", "students/scratch", "students/scratch_matched", "students/kd_best"):
         a = torch.load(ref / model / "best.pt", weights_only=True)["state_dict"]
         b = torch.load(run / model / "best.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(a[k], b[k]) for k in a), model
@@ -343,3 +359,15 @@ def test_a_teacher_of_another_input_size_is_warned_about_with_the_numbers(tmp_pa
     assert result.exit_code == 0, result.output
     assert "warning: teacher best.pt was built for 28x28 inputs and the data is 8x8" in result.output
     assert json.loads((tmp_path / "s" / "result.json").read_text())["teachers"][0]["warnings"]
+
+
+def test_a_run_saved_before_a_field_existed_resumes_only_under_its_old_recipe():
+    from edgekd import DistillConfig, RecipeConfig
+    from edgekd.distill import _same_config
+
+    old = DistillConfig().to_dict()
+    del old["recipe"]["clip_grad"], old["kd"]["warmup_epochs"]  # saved before gradient clipping and the KD warm-up
+    assert not _same_config(old, DistillConfig())  # today's defaults would change what the run was doing
+    legacy = DistillConfig(recipe=RecipeConfig(clip_grad=None))
+    legacy = dataclasses.replace(legacy, kd=dataclasses.replace(legacy.kd, warmup_epochs=0.0))
+    assert _same_config(old, legacy)

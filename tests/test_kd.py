@@ -141,3 +141,13 @@ def test_slow_batch_norm_statistics_are_re_estimated(synth, tmp_path):
     unit = x.float() / 255
     assert torch.allclose(bn.running_mean, unit.mean(dim=(0, 2, 3)), atol=1e-5)  # exact average, not 1% of it
     assert torch.equal(other.running_mean, before) and not model.training and bn.momentum == 0.01
+
+
+def test_batch_norm_re_estimation_samples_the_whole_split():
+    """Splits are sorted by class: the first images alone would give one class's statistics."""
+    from edgekd.distill import InputSpec, recalibrate_batch_norm
+
+    bn = torch.nn.BatchNorm2d(1, momentum=0.01)
+    x = torch.cat([torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.full((50, 1, 2, 2), 255, dtype=torch.uint8)])
+    assert recalibrate_batch_norm(bn, x, InputSpec(1, (2, 2), (0.0,), (1.0,)), "cpu", batch_size=5, max_images=10)
+    assert abs(float(bn.running_mean) - 0.5) < 0.01
