@@ -305,7 +305,7 @@ def onnx_session(path: Path, threads: int = 1):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    # Spinning threads on 2 cores multiplied p90 latency ~7x (MEASURED.md); never spin.
+    # Idle intra-op threads that spin steal the other core of a small machine and stretch the latency tail; never spin.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -48,7 +48,7 @@ class DeployConfig:
 @dataclass(frozen=True)
 class BenchConfig:
     enabled: bool = True
-    threads: int = 1  # batch-1 latency on one thread: short tails on 2-core machines (MEASURED.md)
+    threads: int = 1  # batch-1 latency on one thread: what a phone app's single inference thread sees, and short tails
     batch: int = 32  # images per call for the throughput column
     min_runs: int = 50  # LiteRT benchmark_model's default run count
     min_seconds: float = 1.0

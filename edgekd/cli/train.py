@@ -67,7 +67,7 @@ def train_cmd(
 ) -> None:
     """Train one model with cross-entropy: a teacher, or the scratch baseline a student is compared with.
 
-    Example: edgekd train --arch seed002_teacher --data ../shared/datasets/cifar10-jpeg --epochs 10
+    Example: edgekd train --arch seed002_teacher --data path/to/cifar10-imagefolder --epochs 10
     """
     opts = dict(locals())
     cfg = _guarded(lambda: _build_config(config, {
