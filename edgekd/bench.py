@@ -497,7 +497,7 @@ def _backbone_init(ckpt: Path) -> str | None:
     from edgekd.files import read_json
 
     model = read_json(Path(ckpt).parent / "config.json").get("model", {}) if Path(ckpt).suffix == ".pt" else {}
-    if not str(model.get("arch", "")).startswith("torchvision:"):
+    if not str(model.get("arch", "")).startswith(("torchvision:", "timm:")):
         return None
     start = ("ImageNet weights" + (f" from {model['weights_path']}" if model.get("weights_path") else "")
              if model.get("pretrained") or model.get("weights_path") else "random init (no ImageNet weights)")

@@ -31,7 +31,7 @@ from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_
 from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
 from edgekd.teachers import FunctionTeacher, load_teacher
-from edgekd.zoo import build_model, count_params, fit_input
+from edgekd.zoo import EXTERNAL_PREFIXES, build_model, count_params, fit_input
 
 OnStep = Callable[[str, int, int, dict], None]
 OPTIMIZERS = {
@@ -554,7 +554,7 @@ def _validate(cfg: DistillConfig) -> None:
 def _build(cfg: DistillConfig, data: ImageData):
     m = cfg.model
     size = (m.input_size, m.input_size) if m.input_size else data.image_size
-    torchvision_arch = m.arch.startswith("torchvision:")
+    torchvision_arch = m.arch.startswith(EXTERNAL_PREFIXES)  # torchvision or timm: 3-channel ImageNet backbones
     channels = 3 if torchvision_arch else data.channels
     kwargs = {"pretrained": m.pretrained, "weights_path": m.weights_path, "trainable_layers": m.trainable_layers,
               "head_hidden": m.head_hidden}

@@ -19,6 +19,8 @@ from edgekd.registry import Registry
 
 ARCHS: Registry[Callable[..., nn.Module]] = Registry("architecture")
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"  # timm is an optional extra: pip install edgekd[timm]
+EXTERNAL_PREFIXES = (TORCHVISION_PREFIX, TIMM_PREFIX)  # 3-channel backbones with a new head
 
 
 def build_model(
@@ -28,7 +30,7 @@ def build_model(
     input_size: tuple[int, int],
     **kwargs,
 ) -> nn.Module:
-    """Build an architecture by registry name or ``torchvision:NAME``.
+    """Build an architecture by registry name, ``torchvision:NAME`` or ``timm:NAME``.
 
     Example:
         >>> m = build_model("seed002_student", 10, 3, (32, 32))
@@ -37,8 +39,10 @@ def build_model(
     """
     if arch.startswith(TORCHVISION_PREFIX):
         return _torchvision_model(arch[len(TORCHVISION_PREFIX):], num_classes, **kwargs)
+    if arch.startswith(TIMM_PREFIX):
+        return _timm_model(arch[len(TIMM_PREFIX):], num_classes, **kwargs)
     if kwargs.get("pretrained") or kwargs.get("weights_path"):
-        raise EdgeKDError(f"pretrained weights are only available for torchvision:* architectures, not {arch!r}")
+        raise EdgeKDError(f"pretrained weights are only available for torchvision:* and timm:* architectures, not {arch!r}")
     if kwargs.get("head_hidden"):
         raise EdgeKDError(f"head_hidden applies to torchvision:* architectures only, not {arch!r}")
     kwargs = {k: v for k, v in kwargs.items()
@@ -47,7 +51,8 @@ def build_model(
 
 
 def list_architectures(pattern: str = "*") -> list[str]:
-    """Registered architectures plus torchvision's classification models, filtered by a glob."""
+    """Registered architectures plus torchvision's classification models (and timm's, when installed),
+    filtered by a glob."""
     import fnmatch
 
     names = ARCHS.names(pattern)
@@ -57,7 +62,13 @@ def list_architectures(pattern: str = "*") -> list[str]:
         tv = [TORCHVISION_PREFIX + n for n in torchvision.models.list_models(module=torchvision.models)]
     except ImportError:  # pragma: no cover - torchvision is a core dependency
         tv = []
-    return names + [n for n in tv if fnmatch.fnmatch(n, pattern)]
+    try:
+        import timm
+
+        tm = [TIMM_PREFIX + n for n in timm.list_models()]
+    except ImportError:
+        tm = []
+    return names + [n for n in tv + tm if fnmatch.fnmatch(n, pattern)]
 
 
 def count_params(model: nn.Module) -> int:
@@ -254,6 +265,31 @@ def _torchvision_model(name, num_classes, pretrained=False, weights_path=None, t
     head = _pooled_mlp_head(model, name, num_classes, head_hidden) if head_hidden else _replace_head(model, num_classes)
     if trainable_layers is not None:
         _freeze_all_but_last(model, trainable_layers, head)
+    return model
+
+
+def _timm_model(name, num_classes, pretrained=False, weights_path=None, trainable_layers=None, head_hidden=None, **_):
+    """A timm classifier with a new ``num_classes`` head: ImageNet weights from the hub (``pretrained``) or
+    from a local state dict (``weights_path``, no network needed)."""
+    try:
+        import timm
+    except ImportError:
+        raise EdgeKDError(f"timm:{name} needs timm: pip install 'edgekd[timm]'") from None
+    if head_hidden:
+        raise EdgeKDError(f"head_hidden applies to torchvision:* architectures only, not timm:{name}")
+    if not timm.is_model(name):
+        raise EdgeKDError(f"unknown timm architecture {name!r}; see `edgekd models 'timm:*'`")
+    try:
+        model = timm.create_model(name, pretrained=bool(pretrained and not weights_path))
+    except Exception as exc:  # noqa: BLE001 - hub download failures come in many types
+        raise EdgeKDError(f"could not fetch pretrained weights for timm:{name} ({exc.__class__.__name__}); "
+                          "pass --weights FILE with a timm state dict, or train without --pretrained") from None
+    if weights_path:
+        state = _load_weights_only(Path(weights_path))
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    model.reset_classifier(num_classes)
+    if trainable_layers is not None:
+        _freeze_all_but_last(model, trainable_layers, model.get_classifier())
     return model
 
 

@@ -79,3 +79,23 @@ def test_probability_outputs_are_detected_and_logged():
     conv2 = OutputsAsLogits()
     z = torch.randn(4, 5) * 3
     assert torch.equal(conv2(z), z) and conv2.probabilities is False
+
+
+def test_timm_architectures_train_and_export(synth, tmp_path):
+    """timm:NAME (an optional extra) builds with a new head, trains on grayscale-or-RGB data, and exports."""
+    pytest.importorskip("timm")
+    from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
+    from edgekd.export import export
+
+    assert "timm:mobilenetv4_conv_small" in list_architectures("timm:mobilenetv4*")
+    assert "timm:efficientnet_lite0" in list_architectures("timm:efficientnet_lite*")
+    model = build_model("timm:mobilenetv4_conv_small", 7, 3, (32, 32))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(EdgeKDError, match="unknown timm architecture 'nope'"):
+        build_model("timm:nope", 7, 3, (32, 32))
+    cfg = DistillConfig(model=ModelConfig(arch="timm:mobilenetv4_conv_small", input_size=32),
+                        recipe=RecipeConfig(epochs=4, batch_size=32, optimizer="adam", lr=0.003, augment_pad=0))
+    res = train(cfg, tmp_path / "mnv4", data=synth)
+    assert res.best_val_acc > 50  # 4 classes: chance is 25
+    [onnx] = export(tmp_path / "mnv4" / "best.pt", formats=("onnx",), data=synth).artifacts
+    assert onnx.top1_agreement == 100.0

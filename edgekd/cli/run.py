@@ -79,5 +79,6 @@ def models_cmd(
     from edgekd.zoo import ARCHS, list_architectures
 
     for name in list_architectures(pattern):
-        doc = (ARCHS.get(name).__doc__ or "").strip().splitlines()[0] if name in ARCHS else "torchvision, new head"
+        doc = ((ARCHS.get(name).__doc__ or "").strip().splitlines()[0] if name in ARCHS
+               else f"{name.split(':')[0]}, new head")
         typer.echo(f"{name:32s} {doc}")
