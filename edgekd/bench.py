@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, first_line
 from edgekd.registry import Registry
 from edgekd.timing import LatencyStats, time_calls
 
@@ -124,11 +124,7 @@ def _onnx_nodes(path: Path):
     try:
         return onnx.load(str(path), load_external_data=False).graph.node
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
-        raise EdgeKDError(f"onnx could not parse {path.name} ({_first_line(exc)}); export it again") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EdgeKDError(f"onnx could not parse {path.name} ({first_line(exc)}); export it again") from None
 
 
 @RUNTIMES.register("tflite")
@@ -466,7 +462,7 @@ def _scores(spec: ModelSpec, loaded: Loaded, x: np.ndarray, num_classes: int) ->
     except EdgeKDError:
         raise
     except Exception as exc:  # noqa: BLE001 - the runtime refusing a user's file is a finding, not a crash
-        raise EdgeKDError(f"{loaded.runtime} failed running {spec.path.name} ({_first_line(exc)}); "
+        raise EdgeKDError(f"{loaded.runtime} failed running {spec.path.name} ({first_line(exc)}); "
                           "the file may be damaged: export it again") from None
     if scores.ndim != 2 or scores.shape[1] != num_classes:
         raise EdgeKDError(f"{spec.name} outputs {scores.shape[1:]} scores per image, the data has "

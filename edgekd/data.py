@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, first_line
 from edgekd.files import atomic_write_bytes, atomic_write_json, clean_stale_temps, read_json
 
 try:
@@ -379,11 +379,6 @@ def _read_image(path: Path):
         return im.convert("RGB"), 8
 
 
-def _reason(exc: Exception) -> str:
-    """Why a file was skipped, in one line of at most 200 characters."""
-    return (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
-
-
 def _pixels(img, mode: str, size: tuple[int, int]) -> np.ndarray:
     """A decoded image as uint8 ``(C, H, W)`` in ``mode``, resized bilinearly to ``size`` (W, H) if needed."""
     from PIL import Image
@@ -404,7 +399,7 @@ def _decode_all(paths: list[Path], image_size: int | None, on_step):
         try:
             img, depth = _read_image(path)
         except Exception as exc:  # noqa: BLE001 - any decoder failure means a corrupt file: count it, go on
-            skipped.append({"file": str(path), "reason": _reason(exc)})
+            skipped.append({"file": str(path), "reason": first_line(exc, 200)})
             continue
         modes[img.mode] += 1
         bits[str(depth)] += 1
@@ -486,7 +481,7 @@ def _scan_headers(paths: list[Path]) -> _Seen:
             with Image.open(path) as im:
                 seen.record(i, _output_mode(im.mode), im.size, 0)
         except Exception as exc:  # noqa: BLE001 - the same failure decoding would report
-            seen.skip(i, _reason(exc))
+            seen.skip(i, first_line(exc, 200))
     return seen
 
 
@@ -520,7 +515,7 @@ def _decode_row(path: Path, i: int, plan: _Plan, seen: _Seen, shape) -> np.ndarr
     try:
         img, depth = _read_image(path)
     except Exception as exc:  # noqa: BLE001 - a file only its pixels show to be corrupt (truncated): replanned
-        seen.skip(i, _reason(exc))
+        seen.skip(i, first_line(exc, 200))
         return np.zeros(shape, np.uint8)
     seen.record(i, img.mode, img.size, depth)
     return _pixels(img, plan.mode, plan.size)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from edgekd.checkpoint import load_model
 from edgekd.files import Journal, staged_output
 from edgekd.data import ImageData, load_data, to_unit
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, first_line
 
 ONNX_OPSET = 17
 FORMATS = ("onnx", "tflite")
@@ -310,7 +310,7 @@ def onnx_session(path: Path, threads: int = 1):
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-        reason = str(exc).splitlines()[0].split(" : ")[-1] if str(exc) else type(exc).__name__
+        reason = first_line(exc).split(" : ")[-1]
         raise EdgeKDError(f"onnxruntime could not load {Path(path).name} ({reason}); export it again if it is "
                           "truncated or damaged, or update onnxruntime if it names an unsupported operator") from None
 
@@ -360,7 +360,7 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
     except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops
         if isinstance(exc, KeyboardInterrupt):
             raise
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln][-1:]
         raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {(errors or [reason])[0].strip()}") from None
     stem = onnx_path.stem
