@@ -284,7 +284,7 @@ def kd_gains(by_seed: list[list[RunRow]]) -> dict:
 
     gains: dict[str, list[float]] = {}
     for rows in by_seed:
-        test = {r.name.split(" (seed")[0]: r.test_acc for r in rows}
+        test = {Path(r.out_dir).name: r.test_acc for r in rows}  # students/NAME, whatever the seed
         for name in ("kd_best", "kd_all"):
             if name in test and "scratch_matched" in test:
                 gains.setdefault(name, []).append(test[name] - test["scratch_matched"])
