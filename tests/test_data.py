@@ -75,3 +75,14 @@ def test_augmentation_is_replayable_and_correct():
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert torch.equal(augment_params(10, 4, True, g1), augment_params(10, 4, True, g2))
     assert apply_augment(x, None, 0) is x
+
+
+def test_augmentation_crops_and_flips_every_channel_of_non_square_images():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (6, 3, 5, 7), dtype=torch.uint8)
+    params = augment_params(6, 2, True, g)
+    out = apply_augment(x, params, pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i, (dy, dx, flip) in enumerate(params.tolist()):
+        crop = padded[i, :, dy:dy + 5, dx:dx + 7]
+        assert torch.equal(out[i], crop.flip(-1) if flip else crop)

@@ -3,7 +3,7 @@ import torch
 
 from edgekd.errors import EdgeKDError
 from edgekd.teachers import OutputsAsLogits, guess_layout
-from edgekd.zoo import build_model, count_params, list_architectures
+from edgekd.zoo import build_model, count_params, list_architectures, pool_before_activation
 
 SEED_COUNTS = [  # published parameter counts at each seed's input size
     ("seed002_teacher", 10, 3, 32, 1_186_986), ("seed002_student", 10, 3, 32, 267_738),
@@ -99,3 +99,32 @@ def test_timm_architectures_train_and_export(synth, tmp_path):
     assert res.best_val_acc > 50  # 4 classes: chance is 25
     [onnx] = export(tmp_path / "mnv4" / "best.pt", formats=("onnx",), data=synth).artifacts
     assert onnx.top1_agreement == 100.0
+
+
+@pytest.mark.parametrize("arch", ["seed002_student", "seed002_teacher", "seed003_student", "edge_resnet_s"])
+def test_pool_before_activation_trains_the_same_network(arch):
+    channels, size = (1, 28) if arch.startswith("seed003") else (3, 32)
+    torch.manual_seed(0)
+    model = build_model(arch, 10, channels, (size, size))
+    order = [type(m).__name__ for m in model.modules()]
+    fast = pool_before_activation(model)
+    assert [type(m).__name__ for m in model.modules()] == order  # the original keeps its order
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    assert all(a is b for a, b in zip(fast.parameters(), model.parameters()))
+    x = torch.randn(4, channels, size, size)
+    y = fast(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert torch.allclose(y, model(x), atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(grads, model.parameters()))
+    moved = [type(m).__name__ for m in fast.modules()] != order
+    assert moved == arch.startswith(("seed002", "seed003"))  # the seeds' CNNs pool after a ReLU; the ResNet never
+
+
+def test_pool_before_activation_leaves_other_pairs_alone():
+    import torch.nn as nn
+
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.MaxPool2d(2), nn.ReLU(), nn.AvgPool2d(2))
+    assert pool_before_activation(m) is m  # only piecewise-linear activations move; avg pool is no max
