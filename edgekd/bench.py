@@ -371,9 +371,13 @@ def bench(
 ) -> BenchReport:
     """Benchmark every model (files or run directories) on the test split and against the teacher.
 
-    Example:
-        >>> rep = bench(["runs/default"])  # doctest: +SKIP
-        >>> [(r.name, r.top1, r.latency.p50_ms) for r in rep.rows]  # doctest: +SKIP
+    Example (``runs/student`` and its ONNX file from ``edgekd.distill``'s and ``edgekd.export``'s examples):
+        >>> from edgekd import bench
+        >>> rep = bench(["runs/student/best.pt", "runs/student/export/model.onnx"], min_runs=5, min_seconds=0.1)
+        >>> [(r.format, r.status) for r in rep.rows]
+        [('pytorch', 'ok'), ('onnx', 'ok')]
+        >>> rep.rows[0].top1 == rep.rows[1].top1  # the same test images, the same answers
+        True
     """
     if threads < 1 or batch < 1 or min_runs < 1:
         raise EdgeKDError("--threads, --batch and --runs must be at least 1")

@@ -533,6 +533,20 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     return result
 
 
+def distill(cfg: DistillConfig, out_dir: str | Path, **kwargs) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``, distilling from ``cfg.kd.teachers`` (from scratch when there
+    are none): the public name of ``train``, which takes the same keyword arguments.
+
+    Example:
+        >>> from edgekd import DistillConfig, ModelConfig, RecipeConfig, distill
+        >>> cfg = DistillConfig(model=ModelConfig(arch="seed003_student"), recipe=RecipeConfig(epochs=20))
+        >>> result = distill(cfg, "runs/student")  # the built-in digits; a folder path reads an ImageFolder
+        >>> result.test_acc > 90, sorted(p.name for p in result.out_dir.glob("*.pt"))
+        (True, ['best.pt', 'last.pt'])
+    """
+    return train(cfg, out_dir, **kwargs)
+
+
 def _check_collapse(history: list[dict], record: dict, num_classes: int, lr: float, out: Path) -> None:
     """Stop a run whose training accuracy collapsed: below half its best so far, after that best was
     well above chance. Its checkpoints are no result, so ``best.pt`` is removed (``last.pt`` and the

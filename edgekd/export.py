@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from edgekd.checkpoint import load_model
 from edgekd.files import Journal, staged_output
+from edgekd.native import captured_output, quiet_native_logs
 from edgekd.data import ImageData, load_data, to_unit
 from edgekd.errors import EdgeKDError, first_line
 
@@ -234,10 +234,11 @@ def export(
 ) -> ExportResult:
     """Export a checkpoint to ONNX and/or TFLite and check every file against PyTorch.
 
-    Example:
-        >>> res = export("runs/distill/best.pt", ("onnx",))  # doctest: +SKIP
-        >>> res.artifacts[0].top1_agreement  # doctest: +SKIP
-        100.0
+    Example (``runs/student`` from ``edgekd.distill``'s example):
+        >>> from edgekd import export
+        >>> res = export("runs/student/best.pt", ("onnx",))  # writes runs/student/export/model.onnx
+        >>> [(a.path.name, a.runtime, a.top1_agreement) for a in res.artifacts]
+        [('model.onnx', 'onnxruntime', 100.0)]
     """
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -339,7 +340,8 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
                    io_dtype: str = "int8") -> dict[str, Path]:
     """Convert with onnx2tf; with ``calibration`` (NHWC, [0, 1]) also write the int8 variants."""
     try:
-        import onnx2tf
+        with quiet_native_logs():
+            import onnx2tf
     except ImportError:
         raise EdgeKDError("TFLite conversion needs onnx2tf, tf_keras and TensorFlow: pip install 'edgekd[tf]'") from None
     onnx_path, folder = Path(onnx_path).resolve(), Path(folder).resolve()  # onnx2tf runs in its own cwd
@@ -393,27 +395,6 @@ def _offline_sample_data(workdir: Path):
         os.chdir(previous)
 
 
-@contextmanager
-def captured_output(log: Path):
-    """Send file descriptors 1 and 2 to ``log``: TensorFlow's converter prints straight to them,
-    which would corrupt ``--json`` output on stdout."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log, "ab") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
 class TFLiteRunner:
     """Runs a .tflite file one image at a time, quantizing/dequantizing integer I/O."""
 
@@ -423,8 +404,9 @@ class TFLiteRunner:
         except ImportError:
             raise EdgeKDError("running TFLite models needs LiteRT: pip install 'edgekd[tf]'") from None
         try:
-            self.interp = Interpreter(model_path=str(path), num_threads=threads)
-            self.interp.allocate_tensors()
+            with quiet_native_logs():
+                self.interp = Interpreter(model_path=str(path), num_threads=threads)
+                self.interp.allocate_tensors()
         except Exception as exc:  # noqa: BLE001
             raise EdgeKDError(f"LiteRT could not load {path}: {str(exc).splitlines()[0]}") from None
         self.inp = self.interp.get_input_details()[0]

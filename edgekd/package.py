@@ -23,6 +23,7 @@ import numpy as np
 
 from edgekd.files import Journal, clean_stale_temps, read_json, sha256_file, temp_dir
 from edgekd.errors import EdgeKDError
+from edgekd.native import quiet_native_logs
 
 BUNDLE_SCHEMA = "edgekd.bundle/1"
 PRECISIONS = {"int8": "model_int8.tflite", "fp32": "model_fp32.tflite"}
@@ -306,10 +307,11 @@ def package(
     ``out_dir`` must be new, empty, or a bundle edgekd wrote (its ``.edgekd-bundle`` marker lists
     the files it may replace); ``<out_dir>.zip`` is only overwritten when edgekd made it.
 
-    Example:
-        >>> res = package("runs/default", out_dir="bundle")  # doctest: +SKIP
-        >>> res.passed, res.files[:3]  # doctest: +SKIP
-        (True, ('.edgekd-bundle', 'MODEL_CARD.md', 'README.md'))
+    Example (``runs/student`` quantized by ``edgekd.quantize``'s example):
+        >>> from edgekd import package
+        >>> res = package("runs/student", out_dir="bundle", bench_runs=5, bench_seconds=0.1)
+        >>> res.passed, [c.name for c in res.checks][:2], "model.tflite" in res.files
+        (True, ['litert', 'mediapipe'], True)
     """
     step = on_step or (lambda _msg: None)
     sources, names, desc, data = _inputs(source, precision, labels, data)
@@ -504,20 +506,26 @@ def verify(folder: Path, data, report, names: list[str], norm) -> tuple[Check, .
     meta_ok = (meta.get("packed_files", {}).get("labels.txt", "").split() == names
                and (norm is None or (meta["mean"] == [norm[0]] and meta["std"] == [norm[1]])))
     checks.append(Check("metadata", meta_ok, f"labels.txt packed with {len(names)} classes, normalization "
-                                             f"{'mean ' + str(meta.get('mean')) + ' std ' + str(meta.get('std')) if norm else 'none (uint8 input)'}"))
+                                             f"{_plain_normalization(meta) if norm else 'none (uint8 input)'}"))
     return tuple(checks)
+
+
+def _plain_normalization(meta: dict) -> str:
+    """``mean [0.0] std [255.0]``: plain numbers, not numpy reprs."""
+    return " ".join(f"{k} [{', '.join(f'{float(v):g}' for v in meta.get(k, []))}]" for k in ("mean", "std"))
 
 
 def _mediapipe_check(model: Path, x_u8: np.ndarray, litert_pred: np.ndarray, names: list[str]) -> Check:
     try:
         import torch  # noqa: F401 - must be loaded before mediapipe's native libraries (see _metadata_schema)
-        import mediapipe as mp
-        from mediapipe.tasks.python import BaseOptions, vision
+        with quiet_native_logs():
+            import mediapipe as mp
+            from mediapipe.tasks.python import BaseOptions, vision
     except ImportError:
         return Check("mediapipe", False, "mediapipe is not installed: pip install 'edgekd[mediapipe]'")
     try:
         options = vision.ImageClassifierOptions(base_options=BaseOptions(model_asset_path=str(model)), max_results=1)
-        with vision.ImageClassifier.create_from_options(options) as classifier:
+        with quiet_native_logs(), vision.ImageClassifier.create_from_options(options) as classifier:
             got = []
             for img in x_u8:
                 frame = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(img.transpose(1, 2, 0)))

@@ -205,6 +205,25 @@ class PipelineResult:
     kd_gain: dict = field(default_factory=dict)  # per KD run: test top-1 minus the matched twin's, per seed (kd_gains)
 
 
+def run(config: str | Path | PipelineConfig | None = None, out_dir: str | Path = "runs/default", *,
+        overrides: tuple[str, ...] = (), resume: bool = False, on_stage: Callable[[str], None] | None = None,
+        on_step=None) -> PipelineResult:
+    """``edgekd run``: the whole chain from a pipeline TOML (``None``: the embedded default on digits),
+    with ``dotted.key=value`` overrides; see ``run_pipeline`` for what ``resume`` skips.
+
+    Example (the embedded default, made small):
+        >>> from edgekd import run
+        >>> quick = ("seeds=1", "teachers.0.recipe.epochs=2", "teachers.1.recipe.epochs=2", "student_recipe.epochs=3")
+        >>> res = run(None, "runs/quick", overrides=quick)
+        >>> sorted({r.role for r in res.rows}), res.deployed["passed"] in (True, False), res.bundle is None or res.bundle.passed
+        (['student', 'teacher'], True, True)
+    """
+    cfg = config if isinstance(config, PipelineConfig) else load_pipeline_config(config, overrides)
+    if isinstance(config, PipelineConfig) and overrides:
+        raise EdgeKDError("overrides apply to a TOML file or the embedded default, not to a PipelineConfig object")
+    return run_pipeline(cfg, out_dir, resume=resume, on_stage=on_stage, on_step=on_step)
+
+
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = False,
                  on_stage: Callable[[str], None] | None = None, on_step=None) -> PipelineResult:
     """Train or load the teachers, then the student runs, then export, quantize, bench and package.

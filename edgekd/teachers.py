@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from edgekd.checkpoint import chosen_input_size, load_model
 from edgekd.errors import EdgeKDError
+from edgekd.native import quiet_native_logs
 from edgekd.registry import Registry
 from edgekd.zoo import fit_input
 
@@ -292,8 +293,9 @@ def _onnx_output_scale(path: Path) -> float | None:
 @TEACHER_LOADERS.register("keras")
 def _load_keras_teacher(path: Path, device, mean, std) -> FunctionTeacher:
     try:
-        import tensorflow as tf  # noqa: F401 - keras needs its backend
-        import keras
+        with quiet_native_logs():
+            import tensorflow as tf  # noqa: F401 - keras needs its backend
+            import keras
     except ImportError:
         raise EdgeKDError("Keras teachers need TensorFlow: pip install 'edgekd[tf]'") from None
     try:

@@ -1,6 +1,7 @@
 """Distillation under torchrun, and the parts of the loop that only a GPU or several processes exercise
 (device moves, loss scaling, CUDA RNG, precision), tested through their CPU-side logic."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -37,10 +38,10 @@ def _torchrun(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedPr
 
 
 DISTILL_SCRIPT = """
-    import json, os, sys
+    import importlib, json, os, sys
     from pathlib import Path
     import torch
-    from edgekd import distill
+    distill = importlib.import_module("edgekd.distill")
     from edgekd.config import DistillConfig, KDConfig, ModelConfig, RecipeConfig
     from tests.conftest import prototype_data
 
@@ -211,7 +212,7 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):
 
 
 def test_bf16_autocast_trains_on_the_cpu(synth, tmp_path, monkeypatch):
-    import edgekd.distill as distill
+    distill = importlib.import_module("edgekd.distill")
 
     cfg = DistillConfig(model=ModelConfig(arch="seed002_student"),
                         recipe=RecipeConfig(epochs=1, optimizer="adam", lr=3e-3, batch_size=32, augment_pad=0,

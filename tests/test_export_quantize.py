@@ -1,5 +1,6 @@
 """Export and quantization on a small trained model: parity, int8 proof, accuracy gate, integer I/O, errors."""
 
+import importlib
 import json
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_missing_converter_extra_is_named(digits_model, monkeypatch):
 
 
 def test_conversion_failure_leaves_no_file(digits_model, tmp_path, monkeypatch):
-    import edgekd.export as ex
+    ex = importlib.import_module("edgekd.export")
 
     def broken(*args, **kwargs):
         raise RuntimeError("Unsupported operator: FancyOp")

@@ -5,6 +5,7 @@ file turning into a traceback, a silently resized model, the wrong checkpoint qu
 constant in every exported graph, a quantized softmax taken for logits, temporaries left behind.
 """
 
+import importlib
 import json
 import shutil
 import zipfile
@@ -61,7 +62,7 @@ def int8_tflite(quantized):
 @pytest.fixture(scope="module")
 def fast_bundle(monkeypatch_module):
     """package() with a short benchmark, so the CLI tests do not time 50 runs per model."""
-    import edgekd.package as pkg
+    pkg = importlib.import_module("edgekd.package")
 
     real = pkg.write_bundle
 
@@ -125,7 +126,7 @@ def test_package_replaces_only_the_files_its_marker_lists(int8_tflite, fast_bund
 
 
 def test_package_zip_failure_restores_the_old_bundle_and_zip(int8_tflite, fast_bundle, tmp_path, monkeypatch):
-    import edgekd.package as pkg
+    pkg = importlib.import_module("edgekd.package")
 
     out = tmp_path / "b"
     assert runner.invoke(app, ["package", str(int8_tflite), "--out", str(out), "--zip"]).exit_code == 0
@@ -351,7 +352,7 @@ def test_onnx_teacher_with_a_quantized_softmax_output_uses_its_scale(tmp_path):
 
 
 def test_export_full_disk_leaves_nothing_and_keeps_old_files(digits_model, tmp_path, monkeypatch):
-    import edgekd.export as ex
+    ex = importlib.import_module("edgekd.export")
 
     def disk_full(*args, **kwargs):
         raise NO_SPACE
@@ -372,7 +373,7 @@ def test_export_full_disk_leaves_nothing_and_keeps_old_files(digits_model, tmp_p
 
 
 def test_quantize_full_disk_leaves_nothing(digits_model, tmp_path, monkeypatch):
-    import edgekd.quantize as q
+    q = importlib.import_module("edgekd.quantize")
 
     def disk_full(*args, **kwargs):
         raise NO_SPACE
@@ -399,3 +400,17 @@ def test_failure_while_placing_restores_every_file(tmp_path, monkeypatch):
             assert (out / "model.onnx").read_bytes() == b"new"
             raise NO_SPACE
     assert _snapshot(out) == {"model.onnx": b"old"} and sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
+def test_native_log_lines_are_held_back_unless_the_block_fails(capfd):
+    import os
+
+    from edgekd.native import quiet_native_logs
+
+    with quiet_native_logs():
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\n")
+    assert "oneDNN" not in capfd.readouterr().err
+    with pytest.raises(RuntimeError), quiet_native_logs():
+        os.write(2, b"E0000 the reason it failed\n")
+        raise RuntimeError("boom")
+    assert "the reason it failed" in capfd.readouterr().err
