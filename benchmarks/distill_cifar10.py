@@ -117,44 +117,11 @@ def keras_peer(epochs: int) -> None:
     y_train = np.concatenate([data.train_y, data.val_y])
     x_test = data.test_x.numpy().transpose(0, 2, 3, 1).astype("float32") / 255.0
     y_test = data.test_y.numpy()
-    L = keras.layers
+    from keras_peer import _distiller, keras_models  # the same networks and Distiller as the Keras 3 benchmark
 
-    def teacher_net():
-        return keras.Sequential([keras.Input((32, 32, 3)), L.Conv2D(128, 3, padding="same", activation="relu"),
-                                 L.Conv2D(64, 3, padding="same", activation="relu"), L.MaxPooling2D(),
-                                 L.Conv2D(64, 3, padding="same", activation="relu"),
-                                 L.Conv2D(32, 3, padding="same", activation="relu"), L.MaxPooling2D(),
-                                 L.Flatten(), L.Dense(512, activation="relu"), L.Dense(10)])
-
-    def student_net():
-        return keras.Sequential([keras.Input((32, 32, 3)), L.Conv2D(16, 3, padding="same", activation="relu"),
-                                 L.MaxPooling2D(), L.Conv2D(16, 3, padding="same", activation="relu"),
-                                 L.MaxPooling2D(), L.Flatten(), L.Dense(256, activation="relu"), L.Dense(10)])
-
-    class Distiller(keras.Model):  # seed 004's class, with T**2 on the distillation term
-        def __init__(self, student, teacher):
-            super().__init__()
-            self.student, self.teacher = student, teacher
-
-        def compile(self, optimizer, metrics, student_loss_fn, distillation_loss_fn, alpha, temperature):
-            super().compile(optimizer=optimizer, metrics=metrics)
-            self.student_loss_fn, self.distillation_loss_fn = student_loss_fn, distillation_loss_fn
-            self.alpha, self.temperature = alpha, temperature
-
-        def train_step(self, data):
-            x, y = data
-            teacher_predictions = self.teacher(x, training=False)
-            with tf.GradientTape() as tape:
-                student_predictions = self.student(x, training=True)
-                student_loss = self.student_loss_fn(y, student_predictions)
-                distillation_loss = self.distillation_loss_fn(
-                    tf.nn.softmax(teacher_predictions / self.temperature, axis=1),
-                    tf.nn.softmax(student_predictions / self.temperature, axis=1)) * self.temperature**2
-                loss = self.alpha * student_loss + (1 - self.alpha) * distillation_loss
-            grads = tape.gradient(loss, self.student.trainable_variables)
-            self.optimizer.apply_gradients(zip(grads, self.student.trainable_variables))
-            self.compiled_metrics.update_state(y, student_predictions)
-            return {m.name: m.result() for m in self.metrics}
+    nets = keras_models(keras)
+    teacher_net, student_net = nets["seed002_teacher"], nets["seed002_student"]
+    Distiller = _distiller(keras, tf)
 
     def evaluate(model):
         return 100.0 * float((model.predict(x_test, batch_size=512, verbose=0).argmax(1) == y_test).mean())

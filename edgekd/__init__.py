@@ -8,6 +8,8 @@ Note that ``edgekd.distill`` (and ``export``, ``quantize``, ``bench``, ``package
 their modules stay importable as ``from edgekd.distill import ...`` or ``importlib.import_module``.
 """
 
+__version__ = "0.1.0"  # first: stage modules read it while the package is still importing
+
 from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 from edgekd.data import ImageData, load_data
 from edgekd.bench import BenchReport, bench
@@ -28,4 +30,3 @@ __all__ = [
     "TrainResult", "build_model", "distillation_loss", "kd_kl", "list_architectures", "load_data",
     "load_teacher", "soft_teacher_log_probs", "train",
 ]
-__version__ = "0.1.0"

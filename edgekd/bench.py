@@ -24,6 +24,12 @@ import numpy as np
 from edgekd.errors import EdgeKDError, first_line
 from edgekd.registry import Registry
 from edgekd.timing import LatencyStats, time_calls
+from edgekd.checkpoint import chosen_input_size, load_model
+from edgekd.data import ImageData, load_data, to_unit
+from edgekd.export import Deployable, nhwc_array, onnx_session, resolve_data, run_onnx, TFLiteRunner
+from edgekd.files import read_json
+from edgekd.quantize import count_tflite_ops
+from edgekd.zoo import count_params, fit_input
 
 SCHEMA = "edgekd.bench/1"
 RUNTIMES: Registry[Callable[..., "Loaded"]] = Registry("model format")
@@ -72,8 +78,6 @@ def load_runtime(path: Path, threads: int = 1) -> Loaded:
 def _load_pytorch(path: Path, threads: int) -> Loaded:
     import torch
 
-    from edgekd.checkpoint import load_model
-    from edgekd.export import Deployable
 
     torch.set_num_threads(threads)
     model, meta = load_model(path)
@@ -101,7 +105,6 @@ def _load_pytorch(path: Path, threads: int) -> Loaded:
 def _load_onnx(path: Path, threads: int) -> Loaded:
     import onnxruntime as ort
 
-    from edgekd.export import onnx_session, run_onnx
 
     sess = onnx_session(path, threads)
     inp = sess.get_inputs()[0]
@@ -129,7 +132,6 @@ def _onnx_nodes(path: Path):
 
 @RUNTIMES.register("tflite")
 def _load_tflite(path: Path, threads: int) -> Loaded:
-    from edgekd.export import TFLiteRunner, nhwc_array
 
     runner = TFLiteRunner(path, threads)
     shape = runner.inp["shape"]  # (1, H, W, C)
@@ -171,13 +173,11 @@ def _invoke(runner, x_nhwc: np.ndarray) -> Callable[[], np.ndarray]:
 
 
 def _tflite_is_int8(runner) -> bool:
-    from edgekd.quantize import count_tflite_ops
 
     return count_tflite_ops(runner)[0] > 0
 
 
 def _sidecar(path: Path) -> dict:
-    from edgekd.files import read_json
 
     return read_json(path.with_name(path.name + ".json"))
 
@@ -200,7 +200,6 @@ def model_cost(model, channels: int, size: tuple[int, int]) -> tuple[int, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edgekd.zoo import count_params
 
     counter = FlopCounterMode(display=False)
     was_training = model.training
@@ -352,7 +351,6 @@ def _model_files(folder: Path) -> list[Path]:
 
 
 def _val_acc(run_dir: Path) -> float:
-    from edgekd.files import read_json
 
     return float(read_json(run_dir / "result.json").get("best_val_acc", -1.0))
 
@@ -413,8 +411,6 @@ def bench(
 
 
 def _resolve_bench_data(specs: list[ModelSpec], data):
-    from edgekd.data import ImageData, load_data
-    from edgekd.export import resolve_data
 
     if isinstance(data, ImageData):
         return data
@@ -430,8 +426,6 @@ def _resolve_bench_data(specs: list[ModelSpec], data):
 
 
 def _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmup):
-    from edgekd.zoo import fit_input
-    from edgekd.data import to_unit
 
     loaded = load_runtime(spec.path, threads)
     if loaded.classes is not None and list(loaded.classes) != list(data.classes):
@@ -479,7 +473,6 @@ def _scores(spec: ModelSpec, loaded: Loaded, x: np.ndarray, num_classes: int) ->
 def _resize_warning(spec: ModelSpec, loaded: Loaded, data) -> str | None:
     """A warning when the model's input size differs from the data's images, unless its run chose that
     size on purpose (``model.input_size`` in its config.json): resized images can score near chance."""
-    from edgekd.checkpoint import chosen_input_size
 
     model_hw, data_hw = tuple(loaded.input_size), tuple(data.image_size)
     if model_hw == data_hw:
@@ -494,7 +487,6 @@ def _resize_warning(spec: ModelSpec, loaded: Loaded, data) -> str | None:
 
 def _backbone_init(ckpt: Path) -> str | None:
     """How the torchvision backbone of a checkpoint started, from its run's config.json (None otherwise)."""
-    from edgekd.files import read_json
 
     model = read_json(Path(ckpt).parent / "config.json").get("model", {}) if Path(ckpt).suffix == ".pt" else {}
     if not str(model.get("arch", "")).startswith(("torchvision:", "timm:")):
@@ -512,7 +504,6 @@ _COSTS: dict[str, tuple[int, int]] = {}
 def _source_cost(ckpt: Path) -> tuple[int, int]:
     key = str(ckpt.resolve())
     if key not in _COSTS:
-        from edgekd.checkpoint import load_model
 
         model, meta = load_model(ckpt)
         _COSTS[key] = model_cost(model, int(meta["in_channels"]), tuple(meta["input_size"]))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from edgekd import losses
-from edgekd.checkpoint import load_checkpoint, save_atomic, save_checkpoint, unwrap
+from edgekd.checkpoint import load_checkpoint, load_model, save_atomic, save_checkpoint, unwrap
 from edgekd.config import DistillConfig, KDConfig, RecipeConfig, distill_config_from_dict
 from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_unit
 from edgekd.errors import EdgeKDError
@@ -829,7 +829,6 @@ def _same_config(saved: dict, cfg: DistillConfig) -> bool:
 
 
 def _load_best(out: Path, device):
-    from edgekd.checkpoint import load_model
 
     return load_model(out / "best.pt", device=device)
 

@@ -30,6 +30,7 @@ from edgekd.files import Journal, staged_output
 from edgekd.native import captured_output, quiet_native_logs
 from edgekd.data import ImageData, load_data, to_unit
 from edgekd.errors import EdgeKDError, first_line
+from edgekd.zoo import fit_input
 
 ONNX_OPSET = 17
 FORMATS = ("onnx", "tflite")
@@ -203,7 +204,6 @@ def resolve_data(checkpoint: Path, data: str | ImageData | None) -> ImageData:
 
 def model_input(meta: dict, x_u8: torch.Tensor) -> torch.Tensor:
     """uint8 images to the deployable model's input: [0, 1], the model's channels and size, NCHW."""
-    from edgekd.zoo import fit_input
 
     return fit_input(to_unit(x_u8), int(meta["in_channels"]), tuple(meta["input_size"]))
 

@@ -21,9 +21,16 @@ from typing import Callable
 
 import numpy as np
 
+from edgekd import __version__
 from edgekd.files import Journal, clean_stale_temps, read_json, sha256_file, temp_dir
 from edgekd.errors import EdgeKDError
 from edgekd.native import quiet_native_logs
+from edgekd.bench import bench
+from edgekd.data import to_unit
+from edgekd.export import nhwc_array, resolve_data, run_onnx, TFLiteRunner
+from edgekd.quantize import count_tflite_ops
+from edgekd.report import bench_markdown
+from edgekd.zoo import fit_input
 
 BUNDLE_SCHEMA = "edgekd.bundle/1"
 PRECISIONS = {"int8": "model_int8.tflite", "fp32": "model_fp32.tflite"}
@@ -138,8 +145,6 @@ def read_labels(sources: Sources, labels: str | Path | None) -> list[str]:
 
 def describe_tflite(path: Path) -> dict:
     """Input/output tensors of a .tflite file, checked for what MediaPipe's ImageClassifier accepts."""
-    from edgekd.export import TFLiteRunner
-    from edgekd.quantize import count_tflite_ops
 
     runner = TFLiteRunner(path)
     inp, out = runner.inp, runner.out
@@ -338,7 +343,6 @@ def package(
 
 def _inputs(source, precision: str, labels, data) -> tuple[Sources, list[str], dict, object]:
     """The model files, labels, TFLite description and dataset of a bundle, checked against each other."""
-    from edgekd.export import resolve_data
 
     sources = locate(source, precision, labels)
     names = read_labels(sources, labels)
@@ -357,7 +361,6 @@ def _inputs(source, precision: str, labels, data) -> tuple[Sources, list[str], d
 def write_bundle(folder: Path, sources: Sources, names: list[str], desc: dict, data, precision: str,
                  bench_runs: int, bench_seconds: float, step: Callable[[str], None]) -> tuple[Check, ...]:
     """Every bundle file written into ``folder``, benchmarked and loaded back; returns the checks."""
-    from edgekd.bench import bench
 
     norm = metadata_normalization(desc)
     step("writing model.tflite with metadata and labels")
@@ -454,7 +457,6 @@ def _place_bundle(folder: Path, out: Path, journal) -> None:
 
 
 def _version() -> str:
-    from edgekd import __version__
 
     return __version__
 
@@ -474,9 +476,6 @@ def check_sums(folder: Path) -> Check:
 
 def verify(folder: Path, data, report, names: list[str], norm) -> tuple[Check, ...]:
     """Load the bundle back like an app would and compare with what edgekd bench measured."""
-    from edgekd.export import TFLiteRunner, nhwc_array, run_onnx
-    from edgekd.data import to_unit
-    from edgekd.zoo import fit_input
 
     rows = {Path(r.path).name: r for r in report.rows}
     checks = []
@@ -576,7 +575,6 @@ def bundle_json(sources: Sources, desc: dict, names: list[str], norm, precision:
 
 
 def model_card(sources: Sources, data, manifest: dict, report) -> str:
-    from edgekd.report import bench_markdown
 
     cfg = read_json(sources.checkpoint.parent / "config.json") if sources.checkpoint else {}
     result = read_json(sources.checkpoint.parent / "result.json") if sources.checkpoint else {}

@@ -19,7 +19,13 @@ from typing import Any, Callable
 
 from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig, build, check_fields, load_toml
 from edgekd.errors import EdgeKDError
-from edgekd.files import clean_stale_temps
+from edgekd.files import atomic_write_json, clean_stale_temps, sha256_file
+from edgekd.bench import bench, environment, SUFFIX_FORMAT
+from edgekd.data import load_data
+from edgekd.distill import matched_scratch, train
+from edgekd.package import package
+from edgekd.quantize import quantize, result_dict
+from edgekd.report import write_bench_report
 
 
 @dataclass(frozen=True)
@@ -232,8 +238,6 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
     unchanged are skipped, an interrupted training continues from its last epoch, and the
     rest is redone.
     """
-    from edgekd.data import load_data
-    from edgekd.distill import train
 
     out = Path(out_dir)
     if not resume and out.is_dir() and any(out.iterdir()):
@@ -262,7 +266,6 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
                              tuple(f[1] for f in teacher_files), data, on_stage, on_step) for k in range(cfg.seeds)]
     rows += by_seed[0]
     gains = kd_gains(by_seed)
-    from edgekd.files import atomic_write_json
 
     deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
     atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "kd_gain_over_matched_scratch": gains,
@@ -270,7 +273,6 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
     report = _bench(cfg.bench, out, data, teacher_files, on_stage, on_step) if cfg.bench.enabled else None
     bundle = None
     if cfg.package.enabled and deployed and "tflite" in cfg.deploy.formats and deployed["passed"]:
-        from edgekd.package import package
 
         if on_stage:
             on_stage(f"package: {cfg.package.precision} bundle for apps, verified in LiteRT, MediaPipe and onnxruntime")
@@ -284,7 +286,6 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
 def _student_runs(cfg: PipelineConfig, out: Path, offset: int, ranked: list[str], all_files: tuple[str, ...],
                   data, on_stage, on_step) -> list[RunRow]:
     """The student runs of one seed (``student_recipe.seed + offset``), each in ``out/students/NAME``."""
-    from edgekd.distill import matched_scratch, train
 
     recipe = dataclasses.replace(cfg.student_recipe, seed=cfg.student_recipe.seed + offset)
     base = DistillConfig(data=cfg.data, model=cfg.student, recipe=recipe)
@@ -313,8 +314,6 @@ def kd_gains(by_seed: list[list[RunRow]]) -> dict:
 
 def _bench(b: BenchConfig, out: Path, data, teacher_files, on_stage, on_step):
     """Every model of the run against the reference teacher: the best trained one, else the first file."""
-    from edgekd.bench import SUFFIX_FORMAT, bench
-    from edgekd.report import write_bench_report
 
     if on_stage:
         on_stage("bench: every model on the test split through its own runtime, against the teacher")
@@ -329,8 +328,6 @@ def _bench(b: BenchConfig, out: Path, data, teacher_files, on_stage, on_step):
 
 def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
     """Seeds, library versions, config, data and calibration hashes, and every artifact's SHA-256."""
-    from edgekd.bench import environment
-    from edgekd.files import atomic_write_json, sha256_file
 
     artifacts = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*"))
                  if p.is_file() and p.name != "manifest.json" and not any(part.startswith(".") for part in p.relative_to(out).parts)}
@@ -348,7 +345,6 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
 
 def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage) -> dict | None:
     """int8 ONNX/TFLite of the student with the best validation accuracy (skipped when up to date)."""
-    from edgekd.quantize import quantize, result_dict
 
     students = [r for r in rows if r.role == "student"]
     if not students:
@@ -366,7 +362,6 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
         on_stage(f"deploy {best.name}: export and int8 quantization ({', '.join(deploy.formats)})")
     result = quantize(ckpt, data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
                       max_drop=deploy.max_drop, out_dir=out)
-    from edgekd.files import atomic_write_json
 
     atomic_write_json(out / "stamp.json", stamp)
     return {"student": best.name, **result_dict(result)}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from edgekd.files import atomic_write_bytes, atomic_write_json, atomic_write_text, clean_stale_temps
+
 
 def _pct(x: float) -> str:
     return "-" if x != x else f"{x:.2f}%"
@@ -183,7 +185,6 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from edgekd.files import atomic_write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     ok = [r for r in report.rows if r.status == "ok"]
@@ -270,7 +271,6 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from edgekd.files import atomic_write_bytes
 
     fig.tight_layout()
     try:
@@ -331,7 +331,6 @@ def bench_html(report, plots: dict[str, Path]) -> str:
 
 def write_bench_report(report, folder: Path) -> dict[str, Path]:
     """bench.json, bench.md, the PNG plots and report.html in ``folder``, each written atomically."""
-    from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
 
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(folder)

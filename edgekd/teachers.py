@@ -18,6 +18,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.native import quiet_native_logs
 from edgekd.registry import Registry
 from edgekd.zoo import fit_input
+from edgekd.export import Deployable, onnx_session, TFLiteRunner, to_onnx
 
 TEACHER_LOADERS: Registry[Callable[..., "Teacher"]] = Registry("teacher format")
 
@@ -211,7 +212,6 @@ def _onnxruntime_forward(model: nn.Module, meta: dict, eager) -> Callable | None
         return None
     import tempfile
 
-    from edgekd.export import Deployable, onnx_session, to_onnx
 
     channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
     net = Deployable(model, meta["mean"], meta["std"]).eval()
@@ -313,7 +313,6 @@ def _load_keras_teacher(path: Path, device, mean, std) -> FunctionTeacher:
 
 @TEACHER_LOADERS.register("tflite")
 def _load_tflite_teacher(path: Path, device, mean, std) -> FunctionTeacher:
-    from edgekd.export import TFLiteRunner  # quantizes/dequantizes integer I/O with the file's own parameters
 
     runner = TFLiteRunner(path)
     layout, size, channels = guess_layout(runner.inp["shape"])

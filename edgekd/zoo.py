@@ -240,6 +240,22 @@ def resnet_m(num_classes, in_channels, input_size):
     return ResNet((48, 96, 192), 2, num_classes, in_channels)
 
 
+def _pool_block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+@ARCHS.register("fastcnn")
+def fastcnn(num_classes, in_channels, input_size):
+    """A fast-training CIFAR teacher (~2M params): a 2x2 stem, then three blocks of conv -> max-pool ->
+    BN -> ReLU -> conv -> BN -> ReLU (widths 64-256-256), global max-pool, linear. The shape of Keller
+    Jordan's airbench94 (pooling inside each block keeps most convolutions small), with ReLU for
+    speed on the CPU and for int8."""
+    f = nn.Sequential(nn.Conv2d(in_channels, 24, 2, bias=True), nn.ReLU(inplace=True), *_pool_block(24, 64),
+                      *_pool_block(64, 256), *_pool_block(256, 256), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    return nn.Sequential(f, nn.Linear(256, num_classes))
+
+
 # ---------------------------------------------------------------------------------------------
 # torchvision backbones with a new head.
 
