@@ -145,6 +145,11 @@ class RecipeConfig:
     # augmentation). 0 for an ordinary run; a distilled student's matched scratch twin sets it to the
     # KD run's fresh_share, so both make the same number of student passes on the same augmentation.
     repeat_share: float = 0.0
+    # Mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of itself by a weight drawn
+    # from Beta(a, a), labels alike; 0 turns it off. With teachers it needs kd.cache_views = 0: the
+    # teacher then answers for the blended images the student sees (consistent "function matching",
+    # Beyer et al. 2022), and a matched scratch twin mixes the same way.
+    mixup_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -153,6 +158,7 @@ class RecipeConfig:
             "schedule": ("choice", ("onecycle", "cosine", "constant")), "label_smoothing": ("between", 0.0, 0.99),
             "augment_pad": ("min", 0), "seed": ("min", 0), "eval_batch_size": ("min", 1),
             "precision": ("choice", ("auto", "fp32", "bf16", "fp16")), "repeat_share": ("between", 0.0, 1.0),
+            "mixup_alpha": ("min", 0.0),
             "clip_grad": ("above", 1.0)})
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigValueError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")

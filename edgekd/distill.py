@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -121,6 +122,11 @@ def _barrier(rt: Runtime) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+# On CUDA the host checks the loss every this many steps, not every step: each check waits for the
+# GPU to finish. A NaN is still caught within that stretch and stops the run before its epoch is saved.
+FINITE_CHECK_EVERY_CUDA = 50
 
 
 def _check_finite(loss: torch.Tensor, rt: Runtime, epoch: int, step: int) -> None:
@@ -425,51 +431,80 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         True
     """
     t_start = time.perf_counter()
-    r, kd = cfg.recipe, cfg.kd
     _validate(cfg)
-    out = Path(out_dir)
-    rt = resolve_runtime(r.device)
-    precision = resolve_precision(r.precision, r.amp, rt.device)
+    out, rt = Path(out_dir), resolve_runtime(cfg.recipe.device)
+    precision = resolve_precision(cfg.recipe.precision, cfg.recipe.amp, rt.device)
+    _check_out_dir(out, resume)
+    data = data if data is not None else _load_data(cfg, on_step)
+    teachers = [load_teacher(p, device=rt.device, input_mean=cfg.kd.teacher_mean, input_std=cfg.kd.teacher_std)
+                for p in cfg.kd.teachers]
+    teacher_reports = check_teachers(teachers, data) if teachers else []
+    for warning in (w for report in teacher_reports for w in report.warnings):
+        if on_step:
+            on_step("warning", 0, 0, {"message": warning})
+    torch.manual_seed(cfg.recipe.seed)
+    model, meta, spec = _build_on(cfg, data, rt.device)
+    out.mkdir(parents=True, exist_ok=True)
+    if rt.main:
+        clean_stale_temps(out)
+    cache_t0 = time.perf_counter()
+    loop, state = _make_loop(cfg, out, model, data, spec, precision, rt, teachers, resume,
+                             Path(cache_dir) if cache_dir else out / "teacher_cache", on_step)
+    cache_s = time.perf_counter() - cache_t0 if loop.cache is not None else 0.0
+    resumed_s = state["elapsed_s"]
+    for epoch in range(state["epoch"] + 1, cfg.recipe.epochs + 1):
+        record = _epoch(loop, model, epoch, on_step)
+        _check_collapse(state["history"], record, data.num_classes, cfg.recipe.lr, out)
+        state["history"].append(record)
+        state["epoch"], state["elapsed_s"] = epoch, resumed_s + (time.perf_counter() - t_start)
+        if rt.main:
+            _save_epoch(out, model, meta, cfg, loop, state)
+        if on_step:
+            on_step("epoch", epoch, cfg.recipe.epochs, record)
+    _barrier(rt)
+    train_s = resumed_s + (time.perf_counter() - t_start) if state["history"] else 0.0
+    return _finish(cfg, out, loop, meta, state, train_s, cache_s, teacher_reports)
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
     if (out / "last.pt").exists() and not resume:
         raise EdgeKDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not (out / "last.pt").exists():
         raise EdgeKDError(f"nothing to resume in {out}: no epoch finished there (no last.pt); "
                           "run the same command without --resume to start it")
-    if data is None:
-        d = cfg.data
-        data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
-                         test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)
-        if on_step:
-            on_step("data", 0, 0, {"name": data.name, "summary": data.summary})
-    teachers = [load_teacher(p, device=rt.device, input_mean=kd.teacher_mean, input_std=kd.teacher_std)
-                for p in kd.teachers]
-    teacher_reports = check_teachers(teachers, data) if teachers else []
-    for warning in (w for report in teacher_reports for w in report.warnings):
-        if on_step:
-            on_step("warning", 0, 0, {"message": warning})
 
-    torch.manual_seed(r.seed)
+
+def _load_data(cfg: DistillConfig, on_step: OnStep | None) -> ImageData:
+    d = cfg.data
+    data = load_data(d.dataset, data_dir=d.data_dir, download=d.download, val_fraction=d.val_fraction,
+                     test_fraction=d.test_fraction, image_size=d.image_size, seed=d.split_seed)
+    if on_step:
+        on_step("data", 0, 0, {"name": data.name, "summary": data.summary})
+    return data
+
+
+def _build_on(cfg: DistillConfig, data: ImageData, device: torch.device):
+    """The model on ``device`` (channels-last on the CPU), its checkpoint meta and its input spec."""
     model, meta = _build(cfg, data)
-    model.to(rt.device)
+    model.to(device)
     spec = InputSpec(meta["in_channels"], tuple(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]),
-                     r.channels_last and rt.device.type == "cpu")
+                     cfg.recipe.channels_last and device.type == "cpu")
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model, meta, spec
+
+
+def _make_loop(cfg, out, model, data, spec, precision, rt, teachers, resume, cache_dir, on_step) -> tuple[Loop, dict]:
+    """Everything a training step reads (teacher cache, optimizer, schedule, scaler, clipper), and the
+    run's state: fresh, or restored from ``last.pt`` when resuming."""
+    r, kd = cfg.recipe, cfg.kd
     pad = r.augment_pad if r.augment_pad is not None else data.image_size[0] // 8
     flip = r.augment_flip if r.augment_flip is not None else data.channels == 3
-
-    out.mkdir(parents=True, exist_ok=True)
-    if rt.main:
-        clean_stale_temps(out)
-    cache_t0 = time.perf_counter()
     cache = None
     if teachers and kd.cache_views > 0:
         views = kd.cache_views if (pad or flip) else 1
         keys = [teacher_cache_key(cfg, data, t, pad, flip) for t in kd.teachers]
-        cache = _load_or_build_cache(Path(cache_dir) if cache_dir else out / "teacher_cache", keys, teachers, data,
-                                     views, pad, flip, r.seed, rt, on_step)
-    cache_s = time.perf_counter() - cache_t0
-
+        cache = _load_or_build_cache(cache_dir, keys, teachers, data, views, pad, flip, r.seed, rt, on_step)
     steps_per_epoch = math.ceil((len(data.train_x) // rt.world) / max(1, r.batch_size // rt.world))
     optimizer = _optimizer(model, r)
     scheduler = _scheduler(optimizer, r, steps_per_epoch)
@@ -485,40 +520,41 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if rt.main:
         atomic_write_json(out / "config.json", cfg.to_dict())
-
     weights = torch.tensor(kd.teacher_weights, device=rt.device) if kd.teacher_weights else None
-    loop = Loop(trained, data, spec, optimizer, scheduler, scaler, precision, rt, r, kd, pad, flip, teachers, cache, weights,
-                clip)
-    resumed_s = state["elapsed_s"]
-    for epoch in range(state["epoch"] + 1, r.epochs + 1):
-        t0 = time.perf_counter()
-        train_loss, train_acc, passes = _train_epoch(loop, epoch, on_step)
-        recalibrated = recalibrate_batch_norm(unwrap(model), data.train_x, spec, rt.device, r.eval_batch_size)
-        val_logits = predict_logits(unwrap(model), data.val_x, spec, rt.device, r.eval_batch_size)
-        val_loss = float(nn.functional.cross_entropy(val_logits, data.val_y))
-        val_acc = accuracy(val_logits, data.val_y)
-        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "student_passes": passes,
-                  "bn_recalibrated": recalibrated,
-                  "val_loss": val_loss,
-                  "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
-        _check_collapse(state["history"], record, data.num_classes, r.lr, out)
-        state["history"].append(record)
-        state["epoch"] = epoch
-        state["elapsed_s"] = resumed_s + (time.perf_counter() - t_start)
-        if rt.main:
-            if val_acc > state["best_val_acc"]:
-                state["best_val_acc"], state["best_epoch"] = val_acc, epoch
-                save_checkpoint(out / "best.pt", model, meta, epoch=epoch, val_acc=val_acc)
-            save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(),
-                            **_resume_state(optimizer, scheduler, scaler, rt.device, clip), **state)
-            _write_history(out, state["history"])
-        if on_step:
-            on_step("epoch", epoch, r.epochs, record)
-    _barrier(rt)
+    loop = Loop(trained, data, spec, optimizer, scheduler, scaler, precision, rt, r, kd, pad, flip, teachers, cache,
+                weights, clip)
+    return loop, state
 
+
+def _epoch(loop: Loop, model: nn.Module, epoch: int, on_step: OnStep | None) -> dict:
+    """Train one epoch, then evaluate on the validation split: the epoch's history record."""
+    t0 = time.perf_counter()
+    r, rt, data, spec = loop.recipe, loop.rt, loop.data, loop.spec
+    train_loss, train_acc, passes = _train_epoch(loop, epoch, on_step)
+    recalibrated = recalibrate_batch_norm(unwrap(model), data.train_x, spec, rt.device, r.eval_batch_size)
+    val_logits = predict_logits(unwrap(model), data.val_x, spec, rt.device, r.eval_batch_size)
+    return {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "student_passes": passes,
+            "bn_recalibrated": recalibrated, "val_loss": float(nn.functional.cross_entropy(val_logits, data.val_y)),
+            "val_acc": accuracy(val_logits, data.val_y), "lr": loop.optimizer.param_groups[0]["lr"],
+            "epoch_s": time.perf_counter() - t0}
+
+
+def _save_epoch(out: Path, model: nn.Module, meta: dict, cfg: DistillConfig, loop: Loop, state: dict) -> None:
+    """``best.pt`` when validation improved, then ``last.pt`` (everything a resume needs) and the history."""
+    record = state["history"][-1]
+    if record["val_acc"] > state["best_val_acc"]:
+        state["best_val_acc"], state["best_epoch"] = record["val_acc"], record["epoch"]
+        save_checkpoint(out / "best.pt", model, meta, epoch=record["epoch"], val_acc=record["val_acc"])
+    save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(),
+                    **_resume_state(loop.optimizer, loop.scheduler, loop.scaler, loop.rt.device, loop.clip), **state)
+    _write_history(out, state["history"])
+
+
+def _finish(cfg, out, loop, meta, state, train_s, cache_s, teacher_reports) -> TrainResult:
+    """Test the best checkpoint once and write ``result.json``."""
+    rt, data, r = loop.rt, loop.data, cfg.recipe
     best, _ = _load_best(out, rt.device)
-    test_acc = accuracy(predict_logits(best, data.test_x, spec, rt.device, r.eval_batch_size), data.test_y)
-    train_s = resumed_s + (time.perf_counter() - t_start) if state["history"] else 0.0
+    test_acc = accuracy(predict_logits(best, data.test_x, loop.spec, rt.device, r.eval_batch_size), data.test_y)
     images = len(data.train_x) * r.epochs
     result = TrainResult(out, meta["arch"], count_params(best), state["best_val_acc"], test_acc, r.epochs,
                          state["best_epoch"], train_s, cache_s, images / train_s if train_s else 0.0,
@@ -566,6 +602,9 @@ def _validate(cfg: DistillConfig) -> None:
     kd = cfg.kd
     if kd.teacher_weights and len(kd.teacher_weights) != len(kd.teachers):
         raise EdgeKDError(f"{len(kd.teacher_weights)} teacher weights for {len(kd.teachers)} teachers; give one per teacher")
+    if cfg.recipe.mixup_alpha and kd.teachers and kd.cache_views > 0:
+        raise EdgeKDError("recipe.mixup_alpha needs the teacher on every batch (kd.cache_views = 0, --cache-views 0): "
+                          "cached teacher outputs are for unmixed images")
 
 
 def _build(cfg: DistillConfig, data: ImageData):
@@ -698,10 +737,15 @@ def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float,
     loss_sum = torch.zeros((), device=loop.rt.device)
     correct = torch.zeros((), device=loop.rt.device)
     seen = passes = 0  # images scored for the metrics; images the student forwarded and learned from
+    watch = torch.zeros((), device=loop.rt.device)  # this stretch's summed loss: non-finite once any loss is
+    every = FINITE_CHECK_EVERY_CUDA if loop.rt.device.type == "cuda" else 1
     for step in range(steps):
         idx = order.perm[step * batch:(step + 1) * batch]
-        loss, logits, y, forwarded = _forward(loop, order, idx, progress=epoch - 1 + step / steps)
-        _check_finite(loss, loop.rt, epoch, step + 1)
+        loss, logits, y, forwarded = _forward(loop, order, idx, progress=epoch - 1 + step / steps, key=(epoch, step))
+        watch = watch + loss.detach().float()
+        if (step + 1) % every == 0 or step + 1 == steps:
+            _check_finite(watch, loop.rt, epoch, step + 1)
+            watch = torch.zeros((), device=loop.rt.device)
         loop.optimizer.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
         loop.scaler.unscale_(loop.optimizer)  # a no-op unless fp16 scales the loss
@@ -724,13 +768,18 @@ def _train_epoch(loop: Loop, epoch: int, on_step: OnStep | None) -> tuple[float,
     return float(totals[0] / totals[2]), float(totals[1] / totals[2]) * 100.0, int(totals[3])
 
 
-def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float):
-    """The loss of one batch (``progress``: epochs done), with the student's logits for its images and their labels."""
+def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float, key: tuple[int, int] = (0, 0)):
+    """The loss of one batch (``progress``: epochs done; ``key``: epoch and step, which seed its mixup),
+    with the student's logits for its images and their labels."""
     rt, kd, pad = loop.rt, loop.kd, loop.pad
     x_u8 = loop.data.train_x[idx].to(rt.device, non_blocking=True)
     y = loop.data.train_y[idx].to(rt.device, non_blocking=True)
     params, t_logits = _batch_views(loop.cache, order, idx, rt.device, augment=bool(pad or loop.flip))
     x_unit = to_unit(apply_augment(x_u8, params, pad))
+    mix = _mixup(loop, key, len(idx))
+    if mix is not None:  # before the teacher runs: it answers for the very images the student sees
+        lam, partner = mix
+        x_unit = lam * x_unit + (1.0 - lam) * x_unit[partner]
     if loop.teachers and loop.cache is None:
         t_logits = _teacher_logits(loop.teachers, x_unit, rt.device)
     n_fresh = round(len(idx) * _repeat_share(loop)) if pad or loop.flip else 0
@@ -743,9 +792,24 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float):
     alpha = losses.warmed_up_alpha(kd.alpha, progress, kd.warmup_epochs)
     loss = losses.distillation_loss(logits, y, t_logits, alpha=alpha, temperature=kd.temperature,
                                     weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
+    if mix is not None:  # the labels mix as the images did; the teacher's term is the same in both
+        other = losses.distillation_loss(logits, y[mix[1]], t_logits, alpha=alpha, temperature=kd.temperature,
+                                         weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
+        loss = mix[0] * loss + (1.0 - mix[0]) * other
     if n_fresh:
         loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], loop.recipe.label_smoothing)
     return loss, logits, y, len(x_unit)
+
+
+def _mixup(loop: Loop, key: tuple[int, int], n: int) -> tuple[float, torch.Tensor] | None:
+    """The batch's mixup: a weight from Beta(a, a) and each image's partner, drawn from a generator of
+    its own keyed by (seed, epoch, step, rank), so a resumed run mixes exactly as an uninterrupted one."""
+    a = loop.recipe.mixup_alpha
+    if not a:
+        return None
+    rng = np.random.default_rng((loop.recipe.seed, key[0], key[1], loop.rt.rank))
+    lam = float(rng.beta(a, a))
+    return lam, torch.from_numpy(rng.permutation(n)).to(loop.rt.device)
 
 
 def _repeat_share(loop: Loop) -> float:

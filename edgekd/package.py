@@ -11,6 +11,7 @@ into a new or empty folder, or over an earlier bundle, whose listed files alone 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -192,9 +193,27 @@ def with_metadata(model_bytes: bytes, labels: list[str], *, name: str, descripti
     from the generated schema modules of LiteRT (model) and MediaPipe (metadata).
     """
     import flatbuffers
-    from ai_edge_litert import schema_py_generated as tfl
 
     md = _metadata_schema()
+    graph = md.SubGraphMetadataT()
+    graph.inputTensorMetadata = [_image_input_metadata(md, normalization)]
+    graph.outputTensorMetadata = [_scores_output_metadata(md)]
+    meta = md.ModelMetadataT()
+    meta.name, meta.description, meta.version = name.encode(), description.encode(), version.encode()
+    meta.author, meta.license = b"edgekd", b""
+    meta.minParserVersion = b"1.0.0"  # only version-1.0 fields are used above
+    meta.subgraphMetadata = [graph]
+    b = flatbuffers.Builder(0)
+    b.Finish(meta.Pack(b), b"M001")
+    packed = io.BytesIO(_with_metadata_buffer(model_bytes, bytes(b.Output())))
+    packed.seek(0, io.SEEK_END)
+    with zipfile.ZipFile(packed, "a") as z:  # associated files live in a zip appended to the model
+        z.writestr("labels.txt", "\n".join(labels) + "\n")
+    return packed.getvalue()
+
+
+def _image_input_metadata(md, normalization: tuple[float, float] | None):
+    """The input tensor's metadata: an RGB image of 0-255 pixels, normalized by (mean, std) when float."""
     image = md.ImagePropertiesT()
     image.colorSpace = md.ColorSpaceType.RGB
     content = md.ContentT()
@@ -213,6 +232,11 @@ def with_metadata(model_bytes: bytes, labels: list[str], *, name: str, descripti
     else:
         stats.min, stats.max = [0.0], [255.0]
     inp.stats = stats
+    return inp
+
+
+def _scores_output_metadata(md):
+    """The output tensor's metadata: one logit per class, named by the packed labels.txt."""
     feature = md.ContentT()
     feature.contentPropertiesType, feature.contentProperties = md.ContentProperties.FeatureProperties, md.FeaturePropertiesT()
     labels_file = md.AssociatedFileT()
@@ -221,16 +245,13 @@ def with_metadata(model_bytes: bytes, labels: list[str], *, name: str, descripti
     out = md.TensorMetadataT()
     out.name, out.description, out.content = b"score", b"logits, one per class", feature
     out.associatedFiles = [labels_file]
-    graph = md.SubGraphMetadataT()
-    graph.inputTensorMetadata, graph.outputTensorMetadata = [inp], [out]
-    meta = md.ModelMetadataT()
-    meta.name, meta.description, meta.version = name.encode(), description.encode(), version.encode()
-    meta.author, meta.license = b"edgekd", b""
-    meta.minParserVersion = b"1.0.0"  # only version-1.0 fields are used above
-    meta.subgraphMetadata = [graph]
-    b = flatbuffers.Builder(0)
-    b.Finish(meta.Pack(b), b"M001")
-    meta_bytes = bytes(b.Output())
+    return out
+
+
+def _with_metadata_buffer(model_bytes: bytes, meta_bytes: bytes) -> bytes:
+    """The TFLite flatbuffer with ``meta_bytes`` as its one TFLITE_METADATA buffer (an older one replaced)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as tfl
 
     model = tfl.ModelT.InitFromPackedBuf(bytearray(model_bytes), 0)
     model.metadata = [m for m in (model.metadata or []) if m.name != b"TFLITE_METADATA"]
@@ -242,13 +263,7 @@ def with_metadata(model_bytes: bytes, labels: list[str], *, name: str, descripti
     model.metadata.append(entry)
     b = flatbuffers.Builder(0)
     b.Finish(model.Pack(b), b"TFL3")
-    import io
-
-    packed = io.BytesIO()
-    packed.write(bytes(b.Output()))
-    with zipfile.ZipFile(packed, "a") as z:  # associated files live in a zip appended to the model
-        z.writestr("labels.txt", "\n".join(labels) + "\n")
-    return packed.getvalue()
+    return bytes(b.Output())
 
 
 def _metadata_schema():

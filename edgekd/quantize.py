@@ -73,6 +73,9 @@ class QuantizedModel:
     quantized_ops: int  # compute operators running in int8
     float_compute_ops: int  # compute operators left in float
     choice: dict = field(default_factory=dict)  # e.g. ONNX activation type and why
+    # Share of the multiply-accumulates that the runtime executed in int8 kernels (onnxruntime's
+    # profiler, weighed by each kernel's MACs); None where the runtime gives no such record (LiteRT).
+    int8_mac_share: float | None = None
 
     @property
     def drop_pts(self) -> float:
@@ -204,7 +207,8 @@ def result_dict(result: QuantizeResult) -> dict:
         "models": [{"format": m.format, "fp32": m.fp32.to_dict(), "int8": m.int8.to_dict(),
                     "fp32_test_acc": m.fp32_test_acc, "int8_test_acc": m.int8_test_acc, "drop_pts": m.drop_pts,
                     "size_ratio": m.int8.size_bytes / m.fp32.size_bytes, "quantized_ops": m.quantized_ops,
-                    "float_compute_ops": m.float_compute_ops, "choice": m.choice} for m in result.models],
+                    "float_compute_ops": m.float_compute_ops, "int8_mac_share": m.int8_mac_share,
+                    "choice": m.choice} for m in result.models],
     }
 
 
@@ -298,10 +302,14 @@ def _quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x
     quantized, float_ops = count_onnx_ops(path)
     if quantized == 0:
         raise EdgeKDError("onnxruntime left every compute operator in float: the model was not quantized")
+    share = onnx_int8_mac_share(path, check_x[:1].numpy(), tmp)
+    if share < MIN_INT8_MAC_SHARE:
+        raise EdgeKDError(f"onnxruntime ran only {100 * share:.0f}% of the multiply-accumulates in int8 kernels "
+                          f"(at least {100 * MIN_INT8_MAC_SHARE:.0f}% expected): the int8 model would not be int8 where it counts")
     art = check_onnx(path, check_x, reference, "int8")
     fp32_acc = _accuracy(run_onnx(onnx_fp32, test_x.numpy()), test_y)
     int8_acc = _accuracy(run_onnx(path, test_x.numpy()), test_y)
-    return QuantizedModel("onnx", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice)
+    return QuantizedModel("onnx", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice, share)
 
 
 def count_onnx_ops(path: Path) -> tuple[int, int]:
@@ -313,6 +321,70 @@ def count_onnx_ops(path: Path) -> tuple[int, int]:
     compute = [n for n in graph.node if n.op_type in QUANTIZED_COMPUTE]
     quantized = sum(1 for n in compute if n.input and n.input[0] in dq_outputs)
     return quantized, len(compute) - quantized
+
+
+# onnxruntime's CPU kernels that multiply in int8 (QDQ groups fused at load) and those that multiply in float.
+ORT_INT8_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+                    "DynamicQuantizeMatMul", "QLinearConvTranspose"}
+ORT_FLOAT_KERNELS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose", "NhwcFusedConv"}
+MIN_INT8_MAC_SHARE = 0.5  # below this, "int8" is a label: most arithmetic still runs in float
+
+
+def onnx_int8_mac_share(path: Path, x_nchw: np.ndarray, workdir: Path) -> float:
+    """The share of multiply-accumulates that onnxruntime executed in int8 kernels on ``x_nchw``.
+
+    Proof from the runtime, not the file: the profiler names every kernel that ran (after
+    onnxruntime fused each DequantizeLinear -> Conv -> QuantizeLinear group, or did not), and the
+    optimized graph it ran gives each kernel's weight shape; a kernel's MACs are its output
+    elements times the weight's reduction size (input channels per group x kernel area, or K).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.enable_profiling = 1, True
+    opts.log_severity_level = 3  # its warning that the optimized graph is machine-specific: we only read it here
+    opts.profile_file_prefix = str(workdir / "ort-profile")
+    opts.optimized_model_filepath = str(workdir / "ort-optimized.onnx")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session.run(None, {session.get_inputs()[0].name: x_nchw.astype(np.float32)})
+    profile = Path(session.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    graph = onnx.load(opts.optimized_model_filepath).graph
+    Path(opts.optimized_model_filepath).unlink()
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    macs = {"int8": 0, "float": 0}
+    for e in events:
+        op = e.get("args", {}).get("op_name")
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or op not in ORT_INT8_KERNELS | ORT_FLOAT_KERNELS:
+            continue
+        node = nodes.get(e["name"][: -len("_kernel_time")])
+        outputs = e["args"].get("output_type_shape") or []
+        if node is None or not outputs:
+            continue
+        out_elems = int(np.prod(next(iter(outputs[0].values()))))
+        macs["int8" if op in ORT_INT8_KERNELS else "float"] += out_elems * _reduction_size(node, op, weights)
+    total = macs["int8"] + macs["float"]
+    return macs["int8"] / total if total else 0.0
+
+
+# Where each kernel's weight sits among its inputs.
+_WEIGHT_INPUT = {"QLinearConv": 3, "QLinearConvTranspose": 3, "QGemm": 3, "QLinearMatMul": 3}
+
+
+def _reduction_size(node, op: str, weights: dict[str, list[int]]) -> int:
+    """Multiply-accumulates per output element: a conv weight's size over its output-channel axis
+    ``(Cout, Cin / groups, kH, kW)``, or a matrix weight's K (``(K, N)``, or ``(N, K)`` under transB)."""
+    index = _WEIGHT_INPUT.get(op, 1)
+    shape = weights.get(node.input[index]) if len(node.input) > index else None
+    if not shape:
+        return 0
+    if "Conv" in op:
+        return int(np.prod(shape[1:]))
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    return int(shape[1] if trans_b else shape[0])
 
 
 def onnx_latency_ms(path: Path, runs: int = 200) -> float:

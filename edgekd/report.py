@@ -182,29 +182,42 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-
     folder.mkdir(parents=True, exist_ok=True)
     ok = [r for r in report.rows if r.status == "ok"]
-    files: dict[str, Path] = {}
     if not ok:
-        return files
+        return {}
     series = plot_series(report)
     atomic_write_json(folder / "plots.json", series)
     colors = ["#444444" if r.name == report.teacher else ("#2a9d8f" if r.precision == "int8" else "#457b9d") for r in ok]
+    files = {"accuracy": _accuracy_plot(ok, series, colors, folder / "accuracy.png"),
+             "tradeoff": _tradeoff_plot(ok, series, colors, folder / "tradeoff.png")}
+    pair = [r for r in (report.row(report.teacher), report.row(report.focus)) if r is not None and r.status == "ok"]
+    if pair:
+        classes = report.data["classes"]
+        files["confusion"] = _confusion_plot(pair, series, classes, folder / "confusion.png")
+        files["per_class"] = _per_class_plot(pair, series, classes, folder / "per_class.png")
+    if report.histories:
+        files["curves"] = _curves_plot(series, folder / "curves.png")
+    return files
+
+
+def _accuracy_plot(ok, series, colors, path: Path) -> Path:
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(ok) + 2), 4))
     ax.bar(range(len(ok)), [e["top1"] for e in series["accuracy"]], color=colors)
     for i, r in enumerate(ok):
         ax.text(i, r.top1, f"{r.top1:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(ok)), [r.name for r in ok], rotation=30, ha="right", fontsize=8)
-    low = min(r.top1 for r in ok)
-    ax.set_ylim(max(0, low - 10), 100)
+    ax.set_ylim(max(0, min(r.top1 for r in ok) - 10), 100)
     ax.set_ylabel("top-1 on the test split (%)")
     ax.set_title("accuracy of every variant (dark: teacher, green: int8)")
-    files["accuracy"] = _save(fig, folder / "accuracy.png")
+    return _save(fig, path)
+
+
+def _tradeoff_plot(ok, series, colors, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = np.array([e["size_bytes"] for e in series["tradeoff"]], dtype=float)
@@ -218,54 +231,64 @@ def bench_plots(report, folder: Path) -> dict[str, Path]:
     ax.set_xlabel("batch-1 latency p50 (ms, log scale)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("size (marker area), latency and accuracy")
-    files["tradeoff"] = _save(fig, folder / "tradeoff.png")
+    return _save(fig, path)
 
-    teacher, focus = report.row(report.teacher), report.row(report.focus)
-    classes = report.data["classes"]
-    pair = [r for r in (teacher, focus) if r is not None and r.status == "ok"]
-    if pair:
-        fig, axes = plt.subplots(1, len(pair) + (len(pair) == 2), figsize=(5.2 * (len(pair) + (len(pair) == 2)), 4.8))
-        axes = np.atleast_1d(axes)
-        mats = [np.array(entry["matrix"]) for entry in series["confusion"]]
-        for ax, r, m in zip(axes, pair, mats):
-            im = ax.imshow(m, cmap="Blues")
-            ax.set_title(f"{r.name}\n(rows: true class)", fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.046)
-        if len(pair) == 2:
-            diff = mats[1] - mats[0]
-            lim = max(1, np.abs(diff).max())
-            im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            axes[2].set_title(f"{pair[1].name} minus {pair[0].name}", fontsize=9)
-            fig.colorbar(im, ax=axes[2], fraction=0.046)
-        for ax in axes:
-            ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
-            ax.set_yticks(range(len(classes)), classes, fontsize=6)
-            ax.set_xlabel("predicted")
-        files["confusion"] = _save(fig, folder / "confusion.png")
 
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 2), 4))
-        width = 0.8 / len(pair)
-        for i, entry in enumerate(series["per_class"]):
-            acc = [np.nan if v is None else v for v in entry["accuracy"]]
-            ax.bar(np.arange(len(classes)) + i * width, acc, width, label=entry["model"])
-        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("per-class accuracy")
-        ax.legend(fontsize=8)
-        files["per_class"] = _save(fig, folder / "per_class.png")
+def _confusion_plot(pair, series, classes, path: Path) -> Path:
+    """Confusion matrices of the teacher and the focus model, and their difference when both are there."""
+    import matplotlib.pyplot as plt
+    import numpy as np
 
-    if report.histories:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, (name, curve) in enumerate(series["curves"].items()):
-            c = f"C{i % 10}"
-            ax.plot(curve["epoch"], curve["train_acc"], "--", color=c, label=f"{name} train")
-            ax.plot(curve["epoch"], curve["val_acc"], "-", color=c, label=f"{name} val")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title("training curves: train (dashed) vs validation (solid)")
-        ax.legend(fontsize=7, ncol=2)
-        files["curves"] = _save(fig, folder / "curves.png")
-    return files
+    panels = len(pair) + (len(pair) == 2)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.8))
+    axes = np.atleast_1d(axes)
+    mats = [np.array(entry["matrix"]) for entry in series["confusion"]]
+    for ax, r, m in zip(axes, pair, mats):
+        im = ax.imshow(m, cmap="Blues")
+        ax.set_title(f"{r.name}\n(rows: true class)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    if len(pair) == 2:
+        diff = mats[1] - mats[0]
+        lim = max(1, np.abs(diff).max())
+        im = axes[2].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        axes[2].set_title(f"{pair[1].name} minus {pair[0].name}", fontsize=9)
+        fig.colorbar(im, ax=axes[2], fraction=0.046)
+    for ax in axes:
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(classes)), classes, fontsize=6)
+        ax.set_xlabel("predicted")
+    return _save(fig, path)
+
+
+def _per_class_plot(pair, series, classes, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(classes) + 2), 4))
+    width = 0.8 / len(pair)
+    for i, entry in enumerate(series["per_class"]):
+        acc = [np.nan if v is None else v for v in entry["accuracy"]]
+        ax.bar(np.arange(len(classes)) + i * width, acc, width, label=entry["model"])
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("per-class accuracy")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _curves_plot(series, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (name, curve) in enumerate(series["curves"].items()):
+        c = f"C{i % 10}"
+        ax.plot(curve["epoch"], curve["train_acc"], "--", color=c, label=f"{name} train")
+        ax.plot(curve["epoch"], curve["val_acc"], "-", color=c, label=f"{name} val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("training curves: train (dashed) vs validation (solid)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -172,3 +172,30 @@ def test_tflite_files_have_batch_one_and_rgb_input(quantized):
             for art in (m.fp32, m.int8):
                 inp = TFLiteRunner(art.path).inp
                 assert list(inp["shape"]) == [1, 8, 8, 3] and list(inp["shape_signature"]) == [1, 8, 8, 3]
+
+
+def test_runtime_proof_counts_the_macs_onnxruntime_ran_in_int8(tmp_path):
+    """An fp32 file runs 0% of its multiply-accumulates in int8 kernels, its int8 file all of them."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from edgekd.export import to_onnx
+    from edgekd.quantize import onnx_int8_mac_share
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, x):
+            self.items = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    x = torch.rand(16, 3, 8, 8)
+    fp32 = to_onnx(net, x, tmp_path / "model.onnx")
+    int8 = tmp_path / "model_int8.onnx"
+    quantize_static(str(fp32), str(int8), Reader(x.numpy()), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    assert onnx_int8_mac_share(fp32, x[:1].numpy(), tmp_path) == 0.0
+    assert onnx_int8_mac_share(int8, x[:1].numpy(), tmp_path) == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_int8.onnx"]  # profiler files removed

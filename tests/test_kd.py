@@ -151,3 +151,56 @@ def test_batch_norm_re_estimation_samples_the_whole_split():
     x = torch.cat([torch.zeros(50, 1, 2, 2, dtype=torch.uint8), torch.full((50, 1, 2, 2), 255, dtype=torch.uint8)])
     assert recalibrate_batch_norm(bn, x, InputSpec(1, (2, 2), (0.0,), (1.0,)), "cpu", batch_size=5, max_images=10)
     assert abs(float(bn.running_mean) - 0.5) < 0.01
+
+
+def _mixup_cfg(teachers=(), cache_views=0, mixup=0.4, epochs=2):
+    return DistillConfig(model=ModelConfig(arch="seed003_student"),
+                         recipe=RecipeConfig(epochs=epochs, batch_size=32, optimizer="adam", lr=0.003, augment_pad=2,
+                                             augment_flip=True, mixup_alpha=mixup),
+                         kd=KDConfig(teachers=tuple(str(t) for t in teachers), cache_views=cache_views))
+
+
+def test_mixup_with_a_teacher_cache_is_refused_before_any_work(synth, tmp_path, teacher_run):
+    from edgekd.errors import EdgeKDError
+
+    with pytest.raises(EdgeKDError, match="mixup_alpha needs the teacher on every batch"):
+        train(_mixup_cfg([teacher_run.out_dir / "best.pt"], cache_views=2), tmp_path / "run", data=synth)
+    assert not (tmp_path / "run").exists()
+
+
+def test_online_mixup_shows_the_teacher_the_blended_batch_the_student_learns_on(synth, tmp_path, teacher_run,
+                                                                               monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("edgekd.distill")
+    seen_by_teacher, seen_by_student = [], []
+    real_teacher_logits, real_spec = mod._teacher_logits, mod.InputSpec.__call__
+
+    def teacher_logits(teachers, x_unit, device):
+        seen_by_teacher.append(x_unit.clone())
+        return real_teacher_logits(teachers, x_unit, device)
+
+    def spec_call(self, x_unit):
+        seen_by_student.append(x_unit.clone())
+        return real_spec(self, x_unit)
+
+    monkeypatch.setattr(mod, "_teacher_logits", teacher_logits)
+    monkeypatch.setattr(mod.InputSpec, "__call__", spec_call)
+    result = train(_mixup_cfg([teacher_run.out_dir / "best.pt"], epochs=1), tmp_path / "kd", data=synth)
+    steps = len(seen_by_teacher)
+    assert steps == -(-len(synth.train_x) // 32) and len(result.history) == 1
+    assert all(torch.equal(t, s[:len(t)]) for t, s in zip(seen_by_teacher, seen_by_student[:steps]))
+    # blended: pixels that no crop or flip of 8-bit images gives (multiples of 1/255)
+    assert any(not torch.allclose(t * 255, (t * 255).round(), atol=1e-3) for t in seen_by_teacher)
+
+
+def test_mixup_runs_repeat_and_the_matched_twin_mixes_too(synth, tmp_path, teacher_run):
+    from edgekd.distill import matched_scratch
+
+    a = train(_mixup_cfg(), tmp_path / "a", data=synth)
+    b = train(_mixup_cfg(), tmp_path / "b", data=synth)
+    assert a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
+    plain = train(_mixup_cfg(mixup=0.0), tmp_path / "plain", data=synth)
+    assert plain.history[-1]["train_loss"] != a.history[-1]["train_loss"]
+    twin = matched_scratch(_mixup_cfg([teacher_run.out_dir / "best.pt"]))
+    assert twin.recipe.mixup_alpha == 0.4 and not twin.kd.teachers

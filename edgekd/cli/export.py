@@ -75,11 +75,13 @@ def quantize_cmd(
                                        on_step=_status))
     table = Table(title=f"edgekd quantize: checkpoint {result.checkpoint} (calibration: "
                         f"{len(result.calibration.indices)} images, sha256 {result.calibration.sha256[:12]})")
-    for col in ("format", "int8 file", "size fp32 -> int8", "ratio", "int8 ops", "float ops", "top-1 fp32", "top-1 int8", "drop"):
+    for col in ("format", "int8 file", "size fp32 -> int8", "ratio", "int8 ops", "float ops", "MACs run in int8",
+                "top-1 fp32", "top-1 int8", "drop"):
         table.add_column(col, justify="left" if col in ("format", "int8 file") else "right")
     for m in result.models:
         table.add_row(m.format, str(m.int8.path), f"{m.fp32.size_bytes / 1024:,.0f} -> {m.int8.size_bytes / 1024:,.0f} KiB",
                       f"{m.int8.size_bytes / m.fp32.size_bytes:.2f}x", str(m.quantized_ops), str(m.float_compute_ops),
+                      "-" if m.int8_mac_share is None else f"{100 * m.int8_mac_share:.0f}%",
                       f"{m.fp32_test_acc:.2f}%", f"{m.int8_test_acc:.2f}%", f"{m.drop_pts:+.2f} pts")
     err.print(table)
     for m in result.models:

@@ -20,13 +20,17 @@ from edgekd.cli.common import (
 Precision = Annotated[Optional[str], typer.Option(
     help="auto (fp16 autocast + loss scaling on CUDA, fp32 on the CPU), fp32, bf16 (CPU or CUDA) or fp16 (CUDA only) [default: auto]")]
 
+Mixup = Annotated[Optional[float], typer.Option(
+    help="Mixup: blend each batch with a shuffled copy by a Beta(a, a) weight, labels alike; 0 = off. With "
+         "teachers it needs --cache-views 0, so the teacher answers for the blended images [default: 0]")]
+
 # CLI option name -> config field, for the options `train` and `distill` share.
 _DATA_OPTS = {"data": "dataset", "data_dir": "data_dir", "download": "download", "val_fraction": "val_fraction",
               "test_fraction": "test_fraction", "image_size": "image_size"}
 _RECIPE_OPTS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
                 "weight_decay": "weight_decay", "schedule": "schedule", "label_smoothing": "label_smoothing",
                 "pad": "augment_pad", "flip": "augment_flip", "seed": "seed", "device": "device",
-                "precision": "precision"}
+                "precision": "precision", "mixup": "mixup_alpha"}
 
 
 def _data_section(options: dict) -> dict:
@@ -62,7 +66,8 @@ def train_cmd(
     pretrained: Pretrained = None, weights: Weights = None, trainable_layers: TrainableLayers = None,
     epochs: Epochs = None, batch_size: BatchSize = None, optimizer: Optim = None, lr: LR = None,
     weight_decay: WD = None, schedule: Schedule = None, label_smoothing: Smoothing = None, pad: Pad = None,
-    flip: Flip = None, seed: Seed = None, device: Device = None, precision: Precision = None, config: Config = None,
+    flip: Flip = None, mixup: Mixup = None, seed: Seed = None, device: Device = None, precision: Precision = None,
+    config: Config = None,
     out: Out = None, resume: Resume = False, as_json: AsJson = False,
 ) -> None:
     """Train one model with cross-entropy: a teacher, or the scratch baseline a student is compared with.
@@ -97,7 +102,8 @@ def distill_cmd(
     test_fraction: TestFraction = None, image_size: ImageSize = None, input_size: InputSize = None,
     epochs: Epochs = None, batch_size: BatchSize = None, optimizer: Optim = None, lr: LR = None,
     weight_decay: WD = None, schedule: Schedule = None, label_smoothing: Smoothing = None, pad: Pad = None,
-    flip: Flip = None, seed: Seed = None, device: Device = None, precision: Precision = None, config: Config = None,
+    flip: Flip = None, mixup: Mixup = None, seed: Seed = None, device: Device = None, precision: Precision = None,
+    config: Config = None,
     out: Out = None, resume: Resume = False, as_json: AsJson = False,
 ) -> None:
     """Distill a student from one or more frozen teachers.
