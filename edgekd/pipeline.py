@@ -218,11 +218,14 @@ def run(config: str | Path | PipelineConfig | None = None, out_dir: str | Path =
     with ``dotted.key=value`` overrides; see ``run_pipeline`` for what ``resume`` skips.
 
     Example (the embedded default, made small):
+        >>> from pathlib import Path
         >>> from edgekd import run
         >>> quick = ("seeds=1", "teachers.0.recipe.epochs=2", "teachers.1.recipe.epochs=2", "student_recipe.epochs=3")
         >>> res = run(None, "runs/quick", overrides=quick)
-        >>> sorted({r.role for r in res.rows}), res.deployed["passed"] in (True, False), res.bundle is None or res.bundle.passed
-        (['student', 'teacher'], True, True)
+        >>> [r.name for r in res.rows]
+        ['resnet_m', 'seed002_teacher', 'scratch', 'scratch_matched', 'kd_best', 'kd_all']
+        >>> (Path("runs/quick") / "manifest.json").is_file(), [m["format"] for m in res.deployed["models"]]
+        (True, ['onnx', 'tflite'])
     """
     cfg = config if isinstance(config, PipelineConfig) else load_pipeline_config(config, overrides)
     if isinstance(config, PipelineConfig) and overrides:
