@@ -176,6 +176,7 @@ def test_tflite_files_have_batch_one_and_rgb_input(quantized):
 
 def test_runtime_proof_counts_the_macs_onnxruntime_ran_in_int8(tmp_path):
     """An fp32 file runs 0% of its multiply-accumulates in int8 kernels, its int8 file all of them."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from edgekd.export import to_onnx
@@ -198,4 +199,10 @@ def test_runtime_proof_counts_the_macs_onnxruntime_ran_in_int8(tmp_path):
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     assert onnx_int8_mac_share(fp32, x[:1].numpy(), tmp_path) == 0.0
     assert onnx_int8_mac_share(int8, x[:1].numpy(), tmp_path) == 1.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_int8.onnx"]  # profiler files removed
+    # the linear layer left in float: the conv's 8x8x8 outputs x 27 MACs in int8, the linear's 10 x 512 in float
+    mixed = tmp_path / "model_mixed.onnx"
+    gemm = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Gemm"]
+    quantize_static(str(fp32), str(mixed), Reader(x.numpy()), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=gemm)
+    assert onnx_int8_mac_share(mixed, x[:1].numpy(), tmp_path) == pytest.approx(13824 / (13824 + 5120))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_int8.onnx", "model_mixed.onnx"]
