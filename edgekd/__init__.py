@@ -8,8 +8,6 @@ Note that ``edgekd.distill`` (and ``export``, ``quantize``, ``bench``, ``package
 their modules stay importable as ``from edgekd.distill import ...`` or ``importlib.import_module``.
 """
 
-__version__ = "0.1.0"  # first: stage modules read it while the package is still importing
-
 from edgekd.config import DataConfig, DistillConfig, KDConfig, ModelConfig, RecipeConfig
 from edgekd.data import ImageData, load_data
 from edgekd.bench import BenchReport, bench
@@ -21,6 +19,7 @@ from edgekd.quantize import QuantizeResult, quantize
 from edgekd.errors import EdgeKDError
 from edgekd.losses import distillation_loss, kd_kl, soft_teacher_log_probs
 from edgekd.teachers import load_teacher
+from edgekd.version import __version__
 from edgekd.zoo import build_model, list_architectures
 
 __all__ = [

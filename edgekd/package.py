@@ -22,10 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from edgekd import __version__
 from edgekd.files import Journal, clean_stale_temps, read_json, sha256_file, temp_dir
 from edgekd.errors import EdgeKDError
 from edgekd.native import quiet_native_logs
+from edgekd.version import __version__
 from edgekd.bench import bench
 from edgekd.data import to_unit
 from edgekd.export import nhwc_array, resolve_data, run_onnx, TFLiteRunner
