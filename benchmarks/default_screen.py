@@ -22,12 +22,18 @@ from edgekd.distill import matched_scratch, train
 from edgekd.pipeline import load_pipeline_config, run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CANDIDATES = {  # kd overrides on top of the default config
-    "T4_a0.5_2views": {},
-    "T2_a0.5_2views": {"temperature": 2.0},
-    "T4_a0.1_2views": {"alpha": 0.1},
-    "T4_a0.5_online": {"cache_views": 0},
-    "T4_a0.1_online": {"alpha": 0.1, "cache_views": 0},
+CANDIDATES = {  # (kd overrides, student recipe overrides) on top of the default config
+    "T4_a0.5_2views": ({}, {}),
+    "T2_a0.5_2views": ({"temperature": 2.0}, {}),
+    "T4_a0.1_2views": ({"alpha": 0.1}, {}),
+    "T4_a0.5_online": ({"cache_views": 0}, {}),
+    "T4_a0.1_online": ({"alpha": 0.1, "cache_views": 0}, {}),
+    # function matching (Beyer et al. 2022): the teacher answers for mixed images; the twin mixes alike
+    "T4_a0.5_online_mixup": ({"cache_views": 0}, {"mixup_alpha": 1.0}),
+    "T4_a0.1_online_mixup": ({"alpha": 0.1, "cache_views": 0}, {"mixup_alpha": 1.0}),
+    # 4x the steps: 1,437 training images are 6 steps an epoch at batch 256
+    "T4_a0.5_2views_b64": ({}, {"batch_size": 64}),
+    "T4_a0.5_online_mixup_b64": ({"cache_views": 0}, {"mixup_alpha": 1.0, "batch_size": 64}),
 }
 
 
@@ -50,17 +56,22 @@ def main() -> None:
     best_teacher = max(teachers.rows, key=lambda r: r.val_acc)
     data = load_data(cfg.data.dataset, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                      seed=cfg.data.split_seed)
-    rows = {}
-    for name, kd_over in CANDIDATES.items():
+    # candidates screened before are read back from the results file, so new ones can be added later
+    known = json.loads((RESULTS / "default_screen.json").read_text()) if (RESULTS / "default_screen.json").is_file() else {}
+    rows = {n: r for n, r in known.get("candidates", {}).items() if n in CANDIDATES and len(r["val_gain_per_seed"]) == args.seeds}
+    for name, (kd_over, recipe_over) in CANDIDATES.items():
+        if name in rows:
+            continue
         gains = []
         for seed in range(args.seeds):
-            recipe = dataclasses.replace(cfg.student_recipe, seed=seed)
+            recipe = dataclasses.replace(cfg.student_recipe, seed=seed, **recipe_over)
             kd = dataclasses.replace(cfg.kd, teachers=(str(Path(best_teacher.out_dir) / "best.pt"),), **kd_over)
             kd_cfg = DistillConfig(data=cfg.data, model=cfg.student, recipe=recipe, kd=kd)
             twin = matched_scratch(kd_cfg)
             cache = args.out / "teacher_cache"
             kd_val = val_acc(kd_cfg, args.out / name / f"kd-s{seed}", data, cache)
-            twin_val = val_acc(twin, args.out / f"twin-repeat{twin.recipe.repeat_share}" / f"s{seed}", data, cache)
+            twin_dir = f"twin-repeat{twin.recipe.repeat_share}-mixup{recipe.mixup_alpha}-b{recipe.batch_size}"
+            twin_val = val_acc(twin, args.out / twin_dir / f"s{seed}", data, cache)
             gains.append(kd_val - twin_val)
         rows[name] = {"val_gain_per_seed": gains, "mean": statistics.mean(gains), "sd": statistics.stdev(gains)}
         print(name, rows[name], flush=True)

@@ -466,7 +466,8 @@ def check_tflite(path: Path, x: torch.Tensor, reference: np.ndarray, precision: 
                     len(x), {"quantization": runner.quantization()})
 
 
-def _place(art: Artifact, dest: Path, meta: dict, source: Path, journal: Journal, status: str = "ok") -> Artifact:
+def _place(art: Artifact, dest: Path, meta: dict, source: Path, journal: Journal, status: str = "ok",
+           extra: dict | None = None) -> Artifact:
     """Move a checked file into place (atomic rename, recorded in ``journal``) and write its sidecar.
 
     The sidecar names the checkpoint the file came from, relative to the file's folder, so a
@@ -474,6 +475,6 @@ def _place(art: Artifact, dest: Path, meta: dict, source: Path, journal: Journal
     journal.put(dest, lambda tmp: os.replace(art.path, tmp))
     placed = Artifact(**{**art.__dict__, "path": dest})
     sidecar = {**placed.to_dict(), "status": status, "source_checkpoint": os.path.relpath(source, dest.parent),
-               "preprocessing": preprocessing(meta, art.layout)}
+               "preprocessing": preprocessing(meta, art.layout), **(extra or {})}
     journal.put(dest.with_name(dest.name + ".json"), lambda tmp: tmp.write_text(json.dumps(sidecar, indent=2) + "\n"))
     return placed

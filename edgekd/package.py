@@ -580,6 +580,7 @@ def bundle_json(sources: Sources, desc: dict, names: list[str], norm, precision:
         "labels_file": "labels.txt",
         "onnx": {f.name: {"layout": "NCHW", "shape": ["batch", 3, h, w], "dtype": "float32"} for f in sources.onnx},
         "int8_ops": desc["int8_ops"],
+        "quantization_target": sources.sidecar.get("quantization_choice", {}).get("target"),
         "measured": measured,
         "bench": {"cpu": report.env["cpu"], "threads": report.settings["threads"], "data": report.data["name"],
                   "test_images": report.data["test_images"], "teacher": report.teacher},

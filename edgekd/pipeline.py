@@ -24,7 +24,7 @@ from edgekd.bench import bench, environment, SUFFIX_FORMAT
 from edgekd.data import load_data
 from edgekd.distill import matched_scratch, train
 from edgekd.package import package
-from edgekd.quantize import quantize, result_dict
+from edgekd.quantize import TARGETS, quantize, result_dict
 from edgekd.report import write_bench_report
 
 
@@ -45,10 +45,12 @@ class DeployConfig:
     # int8 accuracy gate in top-1 points against fp32: a model that loses more is not packaged and
     # the run exits 2 (the files stay, marked failed). A 1-point budget is what phone apps usually accept.
     max_drop: float | None = 1.0
+    target: str = "arm"  # the CPU the int8 files will run on (edgekd.quantize.TARGETS): sets the ONNX weight range
 
     def __post_init__(self) -> None:
         check_fields(self, {"formats": ("each", ("choice", ("onnx", "tflite"))), "calib_size": ("min", 1),
-                            "io": ("choice", ("float32", "uint8", "int8")), "max_drop": ("min", 0.0)})
+                            "io": ("choice", ("float32", "uint8", "int8")), "max_drop": ("min", 0.0),
+                            "target": ("choice", tuple(TARGETS))})
 
 
 @dataclass(frozen=True)
@@ -364,7 +366,7 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
     if on_stage:
         on_stage(f"deploy {best.name}: export and int8 quantization ({', '.join(deploy.formats)})")
     result = quantize(ckpt, data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
-                      max_drop=deploy.max_drop, out_dir=out)
+                      max_drop=deploy.max_drop, target=deploy.target, out_dir=out)
 
     atomic_write_json(out / "stamp.json", stamp)
     return {"student": best.name, **result_dict(result)}

@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import platform
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +48,15 @@ from edgekd.export import (
 IO_TYPES = ("float32", "uint8", "int8")
 FILE_NAMES = {"onnx": ("model.onnx", "model_int8.onnx"), "tflite": ("model_fp32.tflite", "model_int8.tflite")}
 QUANTIZED_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
-# 7-bit weights on x86: onnxruntime's x86 int8 kernels can saturate 16-bit intermediate sums with
-# full-range 8-bit weights. Measured on seed 002's CIFAR-10 student: top-1 70.70% fp32, 68.47% int8
-# without it (MinMax, percentile and entropy calibration alike), 70.69% with it.
-REDUCE_RANGE = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+# Where the int8 file will run decides its weight range, not the machine that quantizes it. x86 CPUs
+# without VNNI multiply uint8 x int8 pairs into 16-bit sums (vpmaddubsw) that full-range weights can
+# saturate, so they get 7-bit weights (onnxruntime's reduce_range); ARM's dot-product kernels and
+# x86 VNNI (vpdpbusd) accumulate in 32 bits and keep all 8 bits. Phones are ARM: the default.
+TARGETS = {
+    "arm": (False, "ARM phones: 32-bit dot-product accumulation, full 8-bit weights"),
+    "x86-vnni": (False, "x86 with AVX512-VNNI or AVX-VNNI: 32-bit accumulation, full 8-bit weights"),
+    "x86": (True, "x86 without VNNI: 16-bit intermediate sums saturate, 7-bit weights (reduce_range)"),
+}
 TFLITE_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
 
 
@@ -123,13 +127,15 @@ def quantize(
     io: str = "float32",
     activation_type: str = "auto",
     max_drop: float | None = None,
+    target: str = "arm",
     out_dir: str | Path | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
     """Quantize an edgekd checkpoint (or the ``.onnx`` exported from one) to int8 and verify it.
 
     The files are kept even when the accuracy drop exceeds ``max_drop``; their sidecars then
-    say ``"status": "failed"`` and ``QuantizeResult.passed`` is False.
+    say ``"status": "failed"`` and ``QuantizeResult.passed`` is False. ``target`` is the CPU the
+    files will run on (``TARGETS``): it sets the ONNX weight range and is recorded in every sidecar.
 
     Example (``runs/student`` from ``edgekd.distill``'s example):
         >>> from edgekd import quantize
@@ -141,6 +147,8 @@ def quantize(
         raise EdgeKDError(f"unknown --io {io!r}; choose from {', '.join(IO_TYPES)}")
     if activation_type not in ("auto", "uint8", "int8"):
         raise EdgeKDError("--activation-type must be auto, uint8 or int8")
+    if target not in TARGETS:
+        raise EdgeKDError(f"unknown --target {target!r}; choose from {', '.join(TARGETS)}")
     checkpoint = checkpoint_for(Path(model))
     net_model, meta = load_model(checkpoint)
     data = resolve_data(checkpoint, data)
@@ -154,13 +162,13 @@ def quantize(
     inputs = _Inputs(rgb(check_x), reference, rgb(model_input(meta, data.train_x[list(calib.indices)])),
                      rgb(model_input(meta, data.test_x)), data.test_y.numpy())
     with staged_output(out, "quantize") as (tmp, journal):
-        models = _quantize_formats(net, inputs, tmp, formats, activation_type, io, on_step)
+        models = _quantize_formats(net, inputs, tmp, formats, activation_type, io, target, on_step)
         placed = []
         for m in models:
             status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
             fp32_name, int8_name = FILE_NAMES[m.format]
             fp32 = _place(m.fp32, out / fp32_name, meta, checkpoint, journal)
-            int8 = _place(m.int8, out / int8_name, meta, checkpoint, journal, status)
+            int8 = _place(m.int8, out / int8_name, meta, checkpoint, journal, status, {"quantization_choice": m.choice})
             placed.append(dataclasses.replace(m, fp32=fp32, int8=int8))
         result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint)
         summary = json.dumps(result_dict(result), indent=2) + "\n"
@@ -179,7 +187,7 @@ class _Inputs:
     test_y: np.ndarray
 
 
-def _quantize_formats(net, inputs: _Inputs, tmp: Path, formats, activation_type, io, on_step) -> list[QuantizedModel]:
+def _quantize_formats(net, inputs: _Inputs, tmp: Path, formats, activation_type, io, target, on_step) -> list[QuantizedModel]:
     """Every requested int8 file (and its fp32 counterpart) written and checked inside ``tmp``."""
     step = on_step or (lambda _msg: None)
     i = inputs
@@ -188,12 +196,11 @@ def _quantize_formats(net, inputs: _Inputs, tmp: Path, formats, activation_type,
     fp32_art = check_onnx(onnx_fp32, i.check_x, i.reference, "fp32")
     if "onnx" in formats:
         step("onnx: static int8 quantization with onnxruntime")
-        models.append(_quantize_onnx(onnx_fp32, fp32_art, tmp, i.calib_x, i.check_x, i.reference, i.test_x, i.test_y,
-                                     activation_type))
+        models.append(_quantize_onnx(onnx_fp32, fp32_art, tmp, i, activation_type, target))
     if "tflite" in formats:
         step("tflite: full-integer conversion with onnx2tf")
         onnx_b1 = to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)  # TFLite: batch 1
-        models.append(_quantize_tflite(onnx_b1, tmp, i.calib_x, i.check_x, i.reference, i.test_x, i.test_y, io))
+        models.append(_quantize_tflite(onnx_b1, tmp, i, io, target))
     return models
 
 
@@ -274,7 +281,7 @@ def _without_rank1_axis_warnings():
         root.removeFilter(quiet)
 
 
-def _quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x, test_y, activation_type):
+def _quantize_onnx(onnx_fp32, fp32_art, tmp, inputs: _Inputs, activation_type, target):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -282,17 +289,19 @@ def _quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x
     quant_pre_process(str(onnx_fp32), str(pre))
     candidates = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     wanted = list(candidates) if activation_type == "auto" else [activation_type]
+    reduce_range, target_why = TARGETS[target]
     made = {}
     for act in wanted:
         path = tmp / f"model_int8_{act}.onnx"
         with _without_rank1_axis_warnings():
-            quantize_static(str(pre), str(path), _Reader(calib_x.numpy()), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=candidates[act], weight_type=QuantType.QInt8, reduce_range=REDUCE_RANGE)
+            quantize_static(str(pre), str(path), _Reader(inputs.calib_x.numpy()), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=candidates[act], weight_type=QuantType.QInt8,
+                            reduce_range=reduce_range)
         made[act] = path
     timings = {act: onnx_latency_ms(path) for act, path in made.items()} if len(made) > 1 else {}
     best = min(timings, key=timings.get) if timings else wanted[0]
     choice = {"activation_type": best, "weight_type": "int8", "format": "QDQ", "per_channel": True,
-              "reduce_range": REDUCE_RANGE}
+              "target": target, "reduce_range": reduce_range, "target_why": target_why}
     if timings:
         choice["p50_ms_by_activation_type"] = timings
         choice["why"] = f"{best} activations ran fastest on this CPU (batch 1, 1 thread, p50)"
@@ -302,13 +311,13 @@ def _quantize_onnx(onnx_fp32, fp32_art, tmp, calib_x, check_x, reference, test_x
     quantized, float_ops = count_onnx_ops(path)
     if quantized == 0:
         raise EdgeKDError("onnxruntime left every compute operator in float: the model was not quantized")
-    share = onnx_int8_mac_share(path, check_x[:1].numpy(), tmp)
+    share = onnx_int8_mac_share(path, inputs.check_x[:1].numpy(), tmp)
     if share < MIN_INT8_MAC_SHARE:
         raise EdgeKDError(f"onnxruntime ran only {100 * share:.0f}% of the multiply-accumulates in int8 kernels "
                           f"(at least {100 * MIN_INT8_MAC_SHARE:.0f}% expected): the int8 model would not be int8 where it counts")
-    art = check_onnx(path, check_x, reference, "int8")
-    fp32_acc = _accuracy(run_onnx(onnx_fp32, test_x.numpy()), test_y)
-    int8_acc = _accuracy(run_onnx(path, test_x.numpy()), test_y)
+    art = check_onnx(path, inputs.check_x, inputs.reference, "int8")
+    fp32_acc = _accuracy(run_onnx(onnx_fp32, inputs.test_x.numpy()), inputs.test_y)
+    int8_acc = _accuracy(run_onnx(path, inputs.test_x.numpy()), inputs.test_y)
     return QuantizedModel("onnx", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice, share)
 
 
@@ -401,19 +410,22 @@ def onnx_latency_ms(path: Path, runs: int = 200) -> float:
 # TFLite
 
 
-def _quantize_tflite(onnx_fp32, tmp, calib_x, check_x, reference, test_x, test_y, io):
-    files = onnx_to_tflite(onnx_fp32, tmp / "tf", calibration=nhwc(calib_x), io_dtype="int8" if io == "float32" else io)
+def _quantize_tflite(onnx_fp32, tmp, inputs: _Inputs, io, target):
+    i = inputs
+    files = onnx_to_tflite(onnx_fp32, tmp / "tf", calibration=nhwc(i.calib_x), io_dtype="int8" if io == "float32" else io)
     key = "integer_quant" if io == "float32" else "full_integer_quant"
     if key not in files or "float32" not in files:
         raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")
-    fp32_art = check_tflite(files["float32"], check_x, reference, "fp32")
-    art = check_tflite(files[key], check_x, reference, "int8")
+    fp32_art = check_tflite(files["float32"], i.check_x, i.reference, "fp32")
+    art = check_tflite(files[key], i.check_x, i.reference, "int8")
     quantized, float_ops = count_tflite_ops(files[key])
     if quantized == 0:
         raise EdgeKDError("the TFLite model's compute operators all stayed float: it was not quantized")
-    fp32_acc = _accuracy(TFLiteRunner(files["float32"])(nhwc(test_x)), test_y)
-    int8_acc = _accuracy(TFLiteRunner(files[key])(nhwc(test_x)), test_y)
-    choice = {"io": io, "activations": "int8", "weights": "int8 per-channel",
+    fp32_acc = _accuracy(TFLiteRunner(files["float32"])(nhwc(i.test_x)), i.test_y)
+    int8_acc = _accuracy(TFLiteRunner(files[key])(nhwc(i.test_x)), i.test_y)
+    # TensorFlow Lite's int8 scheme has full-range symmetric weights on every target (its kernels
+    # are built for it), so the target is recorded, not applied.
+    choice = {"io": io, "activations": "int8", "weights": "int8 per-channel", "target": target, "reduce_range": False,
               "why": "float32 I/O loads in MediaPipe and the TFLite Task Library, which refuse int8 input tensors"
               if io == "float32" else f"{io} input and output tensors were asked for"}
     return QuantizedModel("tflite", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice)

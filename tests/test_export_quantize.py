@@ -54,6 +54,11 @@ def test_int8_is_really_int8_and_accurate(quantized):
     assert by_format["onnx"].choice["activation_type"] in ("uint8", "int8")
     assert set(by_format["onnx"].choice["p50_ms_by_activation_type"]) == {"uint8", "int8"}
     assert by_format["tflite"].int8.input_dtype == "float32"  # MediaPipe-loadable by default
+    for m in quantized.models:  # phones by default: full 8-bit weights, recorded beside each file
+        assert m.choice["target"] == "arm" and m.choice["reduce_range"] is False
+        side = json.loads(m.int8.path.with_name(m.int8.path.name + ".json").read_text())
+        assert side["quantization_choice"]["target"] == "arm"
+    assert _max_int8_weight(by_format["onnx"].int8.path) == 127
     assert len(quantized.calibration.indices) == 100 and max(quantized.calibration.per_class) - min(quantized.calibration.per_class) <= 1
 
 
@@ -89,6 +94,26 @@ def test_accuracy_gate_exit_code_keeps_files_marked_failed(digits_model, tmp_pat
     sidecar = json.loads((tmp_path / "model_int8.onnx.json").read_text())
     assert sidecar["status"] == "failed"
     assert json.loads((tmp_path / "quantize.json").read_text())["passed"] is False
+
+
+def _max_int8_weight(path) -> int:
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights if w.size > 1)
+
+
+def test_target_without_vnni_gets_7_bit_onnx_weights_and_says_so(digits_model, tmp_path):
+    result = runner.invoke(app, ["quantize", str(digits_model), "-f", "onnx", "--calib-size", "50",
+                                 "--activation-type", "uint8", "--target", "x86", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    side = json.loads((tmp_path / "model_int8.onnx.json").read_text())
+    assert side["quantization_choice"]["target"] == "x86" and side["quantization_choice"]["reduce_range"] is True
+    assert _max_int8_weight(tmp_path / "model_int8.onnx") <= 64
+    result = runner.invoke(app, ["quantize", str(digits_model), "--target", "riscv", "--out", str(tmp_path / "no")])
+    assert result.exit_code == 1 and "unknown --target 'riscv'; choose from arm, x86-vnni, x86" in result.output
+    assert not (tmp_path / "no").exists()
 
 
 def test_export_errors(digits_model, tmp_path):

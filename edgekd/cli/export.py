@@ -59,6 +59,7 @@ def quantize_cmd(
     max_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 2) when int8 top-1 drops more than this many points; files are kept, marked failed")] = None,
     io: Annotated[str, typer.Option("--io", help="TFLite input/output type: float32 (MediaPipe/Task Library), uint8 or int8")] = "float32",
     activation_type: Annotated[str, typer.Option(help="ONNX activations: auto (measure uint8 and int8 on this CPU, keep the faster), uint8, int8")] = "auto",
+    target: Annotated[str, typer.Option("--target", help="CPU the int8 files will run on: arm (phones; full 8-bit weights), x86-vnni (full 8-bit), x86 (no VNNI: 7-bit ONNX weights); recorded in each sidecar")] = "arm",
     out: OutDir = None,
     as_json: AsJson = False,
 ) -> None:
@@ -71,7 +72,7 @@ def quantize_cmd(
     from edgekd.quantize import quantize, result_dict
 
     result = _guarded(lambda: quantize(model, data=data, formats=tuple(fmt or ("onnx", "tflite")), calib_size=calib_size,
-                                       io=io, activation_type=activation_type, max_drop=max_drop, out_dir=out,
+                                       io=io, activation_type=activation_type, max_drop=max_drop, target=target, out_dir=out,
                                        on_step=_status))
     table = Table(title=f"edgekd quantize: checkpoint {result.checkpoint} (calibration: "
                         f"{len(result.calibration.indices)} images, sha256 {result.calibration.sha256[:12]})")
