@@ -9,6 +9,10 @@ run), whole-run time with the teacher's share, and training accuracy per epoch. 
   cached1       1 cached view + a fresh view (the faster cache)
   online        the teacher answers for every batch the student sees (``kd.cache_views 0``)
   online-mixup  online, with mixup between images (Beta(1, 1)); the teacher sees the blended images
+  online-hint   online, plus feature (hint) distillation of the last feature map (``kd.hint_weight`` 1)
+  online-T1     online with T = 1 and alpha 0.1: mostly the teacher's plain probabilities
+
+Modes whose twins are the same run share it (``TWIN_OF``).
 
 Resumable: a finished run's ``outcome.json`` is read back, an interrupted one resumes from ``last.pt``.
 
@@ -35,7 +39,10 @@ MODES = {
     "cached1": ({"cache_views": 1}, {}),
     "online": ({"cache_views": 0}, {}),
     "online-mixup": ({"cache_views": 0}, {"mixup_alpha": 1.0}),
+    "online-hint": ({"cache_views": 0, "hint_weight": 1.0}, {}),
+    "online-T1": ({"cache_views": 0, "temperature": 1.0, "alpha": 0.1}, {}),
 }
+TWIN_OF = {"online-hint": "online", "online-T1": "online"}  # matched_scratch gives the same config
 
 
 def kd_config(dataset: str, teacher: str, student: str, epochs: int, seed: int, mode: str) -> DistillConfig:
@@ -100,7 +107,7 @@ def main() -> None:
         for mode in args.modes:
             kd = kd_config(args.dataset, args.teacher, args.student, args.epochs, seed, mode)
             pair = {"kd": run_one(kd, args.out / f"{mode}-kd-s{seed}", data, args.out / "teacher_cache"),
-                    "twin": run_one(matched_scratch(kd), args.out / f"{mode}-twin-s{seed}", data)}
+                    "twin": run_one(matched_scratch(kd), args.out / f"{TWIN_OF.get(mode, mode)}-twin-s{seed}", data)}
             rows.setdefault(mode, {})[seed] = pair
             print(mode, seed, json.dumps({k: (v["val_acc"], v["test_acc"]) for k, v in pair.items()}), flush=True)
             write(args, rows)

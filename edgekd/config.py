@@ -181,13 +181,18 @@ class KDConfig:
     # takes the rest). Its gradient is T * (p_student - p_teacher), up to T times the label loss's
     # while an untrained student is far from its teacher (benchmarks/results/kd_stability_digits28.md).
     warmup_epochs: float = 1.0
+    # Feature (hint) distillation, FitNets-style: this weight times the mean squared error (relative to
+    # the teacher map's scale) between the student's last spatial feature map, through a learned 1x1
+    # adapter, and the teacher's (edgekd.hints). 0 = off; needs one edgekd .pt teacher and cache_views 0.
+    # It ramps in with the KD term over warmup_epochs.
+    hint_weight: float = 0.0
     teacher_mean: tuple[float, ...] = (0.0,)  # normalization foreign-format teachers expect on [0, 1] pixels
     teacher_std: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         check_fields(self, {"teacher_weights": ("each", ("min", 0.0)), "alpha": ("between", 0.0, 1.0),
                             "temperature": ("above", 0.0), "cache_views": ("min", 0), "fresh_share": ("between", 0.0, 1.0),
-                            "warmup_epochs": ("min", 0.0),
+                            "warmup_epochs": ("min", 0.0), "hint_weight": ("min", 0.0),
                             "teacher_std": ("each", ("above", 0.0))})
         for name in ("teacher_mean", "teacher_std"):
             if len(getattr(self, name)) not in (1, 3):

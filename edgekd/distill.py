@@ -31,6 +31,7 @@ from edgekd.config import DistillConfig, KDConfig, RecipeConfig, distill_config_
 from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_unit
 from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
+from edgekd.hints import CHECKPOINT_SUFFIXES, Hint, build_hint
 from edgekd.teachers import FunctionTeacher, load_teacher
 from edgekd.zoo import EXTERNAL_PREFIXES, build_model, count_params, fit_input, pool_before_activation
 
@@ -506,24 +507,36 @@ def _make_loop(cfg, out, model, data, spec, precision, rt, teachers, resume, cac
         keys = [teacher_cache_key(cfg, data, t, pad, flip) for t in kd.teachers]
         cache = _load_or_build_cache(cache_dir, keys, teachers, data, views, pad, flip, r.seed, rt, on_step)
     steps_per_epoch = math.ceil((len(data.train_x) // rt.world) / max(1, r.batch_size // rt.world))
-    optimizer = _optimizer(model, r)
+    trained = pool_before_activation(model)  # the same parameters, a faster order for training
+    hint = _hint(kd, trained, data, spec, rt)
+    extra = list(hint.adapter.parameters()) if hint else []
+    optimizer = _optimizer(model, r, extra)
     scheduler = _scheduler(optimizer, r, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.scaled)
-    clip = GradClipper(model.parameters(), r.clip_grad, rt.device)
+    clip = GradClipper([*model.parameters(), *extra], r.clip_grad, rt.device)
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "history": [], "elapsed_s": 0.0}
     if resume:
-        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler, scaler, rt.device, clip)
+        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler, scaler, rt.device, clip, hint)
         if on_step:
             on_step("resumed", state["epoch"], r.epochs, {"best_val_acc": state["best_val_acc"]})
-    trained = pool_before_activation(model)  # the same parameters, a faster order for training
     if rt.world > 1:
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if rt.main:
         atomic_write_json(out / "config.json", cfg.to_dict())
     weights = torch.tensor(kd.teacher_weights, device=rt.device) if kd.teacher_weights else None
     loop = Loop(trained, data, spec, optimizer, scheduler, scaler, precision, rt, r, kd, pad, flip, teachers, cache,
-                weights, clip)
+                weights, clip, hint)
     return loop, state
+
+
+def _hint(kd: KDConfig, trained: nn.Module, data: ImageData, spec: InputSpec, rt: Runtime) -> Hint | None:
+    """Hint distillation's teacher network, feature taps and adapter (None when ``kd.hint_weight`` is 0)."""
+    if not kd.hint_weight:
+        return None
+    if rt.world > 1:  # the adapter sits outside DistributedDataParallel: its gradients would not be averaged
+        raise EdgeKDError("kd.hint_weight runs in a single process; launch without torchrun or set it to 0")
+    probe = to_unit(data.train_x[:2].to(rt.device))
+    return build_hint(kd.teachers[0], trained, probe, spec, rt.device)
 
 
 def _epoch(loop: Loop, model: nn.Module, epoch: int, on_step: OnStep | None) -> dict:
@@ -546,7 +559,8 @@ def _save_epoch(out: Path, model: nn.Module, meta: dict, cfg: DistillConfig, loo
         state["best_val_acc"], state["best_epoch"] = record["val_acc"], record["epoch"]
         save_checkpoint(out / "best.pt", model, meta, epoch=record["epoch"], val_acc=record["val_acc"])
     save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(),
-                    **_resume_state(loop.optimizer, loop.scheduler, loop.scaler, loop.rt.device, loop.clip), **state)
+                    **_resume_state(loop.optimizer, loop.scheduler, loop.scaler, loop.rt.device, loop.clip, loop.hint),
+                    **state)
     _write_history(out, state["history"])
 
 
@@ -602,6 +616,12 @@ def _validate(cfg: DistillConfig) -> None:
     kd = cfg.kd
     if kd.teacher_weights and len(kd.teacher_weights) != len(kd.teachers):
         raise EdgeKDError(f"{len(kd.teacher_weights)} teacher weights for {len(kd.teachers)} teachers; give one per teacher")
+    if kd.hint_weight and (len(kd.teachers) != 1 or kd.cache_views > 0):
+        raise EdgeKDError("kd.hint_weight (--hint-weight) needs exactly one teacher answering every batch "
+                          "(kd.cache_views = 0, --cache-views 0): feature maps are not cached")
+    if kd.hint_weight and Path(kd.teachers[0]).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise EdgeKDError(f"kd.hint_weight needs an edgekd checkpoint teacher (.pt), not {Path(kd.teachers[0]).name}: "
+                          "its layers are what the student's feature map is matched to")
     if cfg.recipe.mixup_alpha and kd.teachers and kd.cache_views > 0:
         raise EdgeKDError("recipe.mixup_alpha needs the teacher on every batch (kd.cache_views = 0, --cache-views 0): "
                           "cached teacher outputs are for unmixed images")
@@ -626,9 +646,9 @@ def _build(cfg: DistillConfig, data: ImageData):
     return model, meta
 
 
-def _optimizer(model: nn.Module, r) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, r, extra: list[nn.Parameter] = ()) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in [*model.parameters(), *extra]:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -703,6 +723,7 @@ class Loop:
     cache: TeacherCache | None
     weights: torch.Tensor | None  # (M,) on the training device
     clip: GradClipper
+    hint: Hint | None = None  # feature distillation (kd.hint_weight)
 
 
 @dataclass(frozen=True)
@@ -780,7 +801,10 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float, 
     if mix is not None:  # before the teacher runs: it answers for the very images the student sees
         lam, partner = mix
         x_unit = lam * x_unit + (1.0 - lam) * x_unit[partner]
-    if loop.teachers and loop.cache is None:
+    t_features = None
+    if loop.hint is not None:  # the teacher's own network: its logits and its feature map in one pass
+        t_logits, t_features = loop.hint.teacher_outputs(x_unit)
+    elif loop.teachers and loop.cache is None:
         t_logits = _teacher_logits(loop.teachers, x_unit, rt.device)
     n_fresh = round(len(idx) * _repeat_share(loop)) if pad or loop.flip else 0
     if n_fresh:  # the same images again, freshly augmented, in the same forward pass
@@ -796,6 +820,10 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float, 
         other = losses.distillation_loss(logits, y[mix[1]], t_logits, alpha=alpha, temperature=kd.temperature,
                                          weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
         loss = mix[0] * loss + (1.0 - mix[0]) * other
+    if t_features is not None:
+        s_features = loop.hint.student_tap.take()[:len(idx)].float()
+        ramp = losses.warmup_ramp(progress, kd.warmup_epochs)
+        loss = loss + kd.hint_weight * ramp * losses.hint_loss(loop.hint.adapter(s_features), t_features)
     if n_fresh:
         loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], loop.recipe.label_smoothing)
     return loss, logits, y, len(x_unit)
@@ -842,7 +870,7 @@ def _teacher_logits(teachers: list[FunctionTeacher], x_unit: torch.Tensor, devic
 
 
 def _resume_state(optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device,
-                  clip: GradClipper | None = None) -> dict:
+                  clip: GradClipper | None = None, hint: Hint | None = None) -> dict:
     """What ``last.pt`` holds besides the weights so that a resumed run continues as an uninterrupted
     one: optimizer, schedule, GradScaler, and the RNGs that dropout and random layers draw from
     (torch's CPU generator; on CUDA this process's device: every rank seeds and draws alike, and
@@ -854,11 +882,13 @@ def _resume_state(optimizer, scheduler, scaler: torch.amp.GradScaler, device: to
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     if clip is not None:
         state["clip"] = clip.state_dict()
+    if hint is not None:
+        state["hint_adapter"] = hint.adapter.state_dict()
     return state
 
 
 def _load_resume_state(ckpt: dict, optimizer, scheduler, scaler: torch.amp.GradScaler, device: torch.device,
-                       clip: GradClipper | None = None) -> None:
+                       clip: GradClipper | None = None, hint: Hint | None = None) -> None:
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):  # {} when saved without fp16 (a disabled scaler): a fresh scaler is what it had
@@ -868,14 +898,16 @@ def _load_resume_state(ckpt: dict, optimizer, scheduler, scaler: torch.amp.GradS
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     if clip is not None and "clip" in ckpt:
         clip.load_state_dict(ckpt["clip"])
+    if hint is not None:
+        hint.adapter.load_state_dict(ckpt["hint_adapter"])
 
 
-def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler, device, clip=None) -> dict:
+def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler, device, clip=None, hint=None) -> dict:
     ckpt = load_checkpoint(path)
     if not _same_config(ckpt.get("config", {}), cfg):
         raise EdgeKDError(f"{path.parent} was started with a different config; resume with the same options or use a new --out")
     unwrap(model).load_state_dict(ckpt["state_dict"])
-    _load_resume_state(ckpt, optimizer, scheduler, scaler, device, clip)
+    _load_resume_state(ckpt, optimizer, scheduler, scaler, device, clip, hint)
     return {k: ckpt[k] for k in ("epoch", "best_val_acc", "best_epoch", "history", "elapsed_s")}
 
 

@@ -68,6 +68,25 @@ def distillation_loss(
     return alpha * ce + (1.0 - alpha) * kd
 
 
+def hint_loss(adapted_student: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets hint term: mean squared error between the adapted student feature map ``(B, C, h, w)`` and
+    the teacher's ``(B, C, H, W)``, divided by the teacher map's mean square, so 1.0 is what predicting
+    zeros costs whatever the teacher's scale. The larger map is average-pooled to the smaller's size.
+
+    Example:
+        >>> t = torch.randn(2, 8, 4, 4)
+        >>> float(hint_loss(torch.zeros(2, 8, 8, 8), t)), float(hint_loss(t, t))
+        (1.0, 0.0)
+    """
+    s, t = adapted_student.float(), teacher_features.float()
+    h, w = min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3])
+    if s.shape[2:] != (h, w):
+        s = F.adaptive_avg_pool2d(s, (h, w))
+    if t.shape[2:] != (h, w):
+        t = F.adaptive_avg_pool2d(t, (h, w))
+    return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+
+
 def warmed_up_alpha(alpha: float, progress: float, warmup: float) -> float:
     """The label loss's weight after ``progress`` epochs when the KD term's weight ``1 - alpha`` ramps up
     linearly over ``warmup`` epochs (it starts at 1: labels only).
@@ -76,8 +95,12 @@ def warmed_up_alpha(alpha: float, progress: float, warmup: float) -> float:
         >>> warmed_up_alpha(0.5, 0.0, 1.0), warmed_up_alpha(0.5, 0.5, 1.0), warmed_up_alpha(0.5, 3.0, 1.0)
         (1.0, 0.75, 0.5)
     """
-    ramp = 1.0 if warmup <= 0 else min(1.0, progress / warmup)
-    return 1.0 - (1.0 - alpha) * ramp
+    return 1.0 - (1.0 - alpha) * warmup_ramp(progress, warmup)
+
+
+def warmup_ramp(progress: float, warmup: float) -> float:
+    """0 -> 1 linearly over the first ``warmup`` epochs, then 1: how the teacher's terms come in."""
+    return 1.0 if warmup <= 0 else min(1.0, progress / warmup)
 
 
 def with_fresh_views(view_loss: torch.Tensor, n_views: int, fresh_logits: torch.Tensor, fresh_labels: torch.Tensor,

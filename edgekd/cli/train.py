@@ -96,6 +96,7 @@ def distill_cmd(
     temperature: Annotated[Optional[float], typer.Option("--temperature", "-T", help="Softening temperature [default: 4]")] = None,
     cache_views: Annotated[Optional[int], typer.Option(help="Augmented views per image whose teacher outputs are cached; 0 runs teachers on every batch [default: 2]")] = None,
     fresh_share: Annotated[Optional[float], typer.Option(help="Share of each batch also shown as a fresh augmentation trained on its labels alone (cached views carry the teacher's targets); 1 = every image, at twice the student's compute [default: 1]")] = None,
+    hint_weight: Annotated[Optional[float], typer.Option(help="Feature (hint) distillation: weight of the loss pulling the student's last feature map, through a learned 1x1 adapter, to the teacher's; needs one edgekd .pt teacher and --cache-views 0 [default: 0 = off]")] = None,
     teacher_mean: Annotated[Optional[list[float]], typer.Option(help="Normalization mean non-edgekd teachers expect on [0,1] pixels (repeat per channel) [default: 0]")] = None,
     teacher_std: Annotated[Optional[list[float]], typer.Option(help="Normalization std for non-edgekd teachers [default: 1]")] = None,
     data: Data = None, data_dir: DataDir = None, download: Download = None, val_fraction: ValFraction = None,
@@ -121,7 +122,7 @@ def distill_cmd(
         "recipe": _recipe_section(opts),
         "kd": dict(teachers=tuple(teacher) if teacher else None,
                    teacher_weights=tuple(teacher_weight) if teacher_weight else None, alpha=alpha,
-                   temperature=temperature, cache_views=cache_views, fresh_share=fresh_share,
+                   temperature=temperature, cache_views=cache_views, fresh_share=fresh_share, hint_weight=hint_weight,
                    teacher_mean=tuple(teacher_mean) if teacher_mean else None,
                    teacher_std=tuple(teacher_std) if teacher_std else None),
     }))
