@@ -826,7 +826,8 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float, 
         loss = loss + kd.hint_weight * ramp * losses.hint_loss(loop.hint.adapter(s_features), t_features)
     if n_fresh:
         loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], loop.recipe.label_smoothing)
-    return loss, logits, y, len(x_unit)
+    scored = y if mix is None or mix[0] >= 0.5 else y[mix[1]]  # training accuracy: the dominant image's label
+    return loss, logits, scored, len(x_unit)
 
 
 def _mixup(loop: Loop, key: tuple[int, int], n: int) -> tuple[float, torch.Tensor] | None:
