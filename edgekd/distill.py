@@ -905,7 +905,7 @@ def _load_resume_state(ckpt: dict, optimizer, scheduler, scaler: torch.amp.GradS
 
 def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler, device, clip=None, hint=None) -> dict:
     ckpt = load_checkpoint(path)
-    if not _same_config(ckpt.get("config", {}), cfg):
+    if not same_config(ckpt.get("config", {}), cfg):
         raise EdgeKDError(f"{path.parent} was started with a different config; resume with the same options or use a new --out")
     unwrap(model).load_state_dict(ckpt["state_dict"])
     _load_resume_state(ckpt, optimizer, scheduler, scaler, device, clip, hint)
@@ -916,7 +916,7 @@ def _restore(path: Path, cfg: DistillConfig, model, optimizer, scheduler, scaler
 LEGACY = {"recipe": {"precision": "auto", "clip_grad": None, "repeat_share": 0.0}, "kd": {"warmup_epochs": 0.0}}
 
 
-def _same_config(saved: dict, cfg: DistillConfig) -> bool:
+def same_config(saved: dict, cfg: DistillConfig) -> bool:
     """Whether a run's saved config is ``cfg``; a field added since it was saved counts as what the run did then."""
     saved = {k: {**LEGACY.get(k, {}), **v} if isinstance(v, dict) else v for k, v in saved.items()}
     try:

@@ -22,7 +22,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_json, clean_stale_temps, sha256_file
 from edgekd.bench import bench, environment, SUFFIX_FORMAT
 from edgekd.data import load_data
-from edgekd.distill import matched_scratch, train
+from edgekd.distill import matched_scratch, same_config, train
 from edgekd.package import package
 from edgekd.quantize import TARGETS, quantize, result_dict
 from edgekd.report import write_bench_report
@@ -374,8 +374,9 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
 
 def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step, cache_dir=None) -> RunRow:
     result_file, config_file = run_dir / "result.json", run_dir / "config.json"
-    wanted = json.loads(json.dumps(run_cfg.to_dict()))  # tuples become lists, as in the saved file
-    done = result_file.is_file() and config_file.is_file() and json.loads(config_file.read_text()) == wanted
+    # the same run, also when it was saved before a config field existed (edgekd.distill.same_config)
+    same = config_file.is_file() and same_config(json.loads(config_file.read_text()), run_cfg)
+    done = result_file.is_file() and same
     if done:
         if on_stage:
             on_stage(f"{role} {name}: done before, skipped")
@@ -384,7 +385,7 @@ def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step,
         if on_stage:
             on_stage(f"{role} {name}: training {run_cfg.model.arch}")
         resume = (run_dir / "last.pt").is_file()
-        if resume and json.loads(config_file.read_text()) != wanted:
+        if resume and not same:
             raise EdgeKDError(f"{run_dir} holds a run with another config; remove it or use a new --out")
         res = train(run_cfg, run_dir, resume=resume, data=data, on_step=on_step, cache_dir=cache_dir).summary()
     return RunRow(name, role, res["arch"], res["params"], res["best_val_acc"], res["test_acc"], res["train_s"], str(run_dir))

@@ -20,7 +20,7 @@ from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
 from edgekd.checkpoint import load_checkpoint, save_atomic, save_checkpoint
 from edgekd.cli import app
 from edgekd.distill import (EpochOrder, Runtime, TeacherCache, _batch_views, _check_finite, _load_resume_state,
-                            _resume_state, _same_config, _teacher_logits, _wait_for_cache, resolve_precision)
+                            _resume_state, same_config, _teacher_logits, _wait_for_cache, resolve_precision)
 from edgekd.errors import EdgeKDError
 from edgekd.teachers import ForeignInput, FunctionTeacher
 
@@ -183,9 +183,9 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes():
     cfg = DistillConfig(recipe=RecipeConfig(epochs=3))
     saved = cfg.to_dict()
     del saved["recipe"]["precision"]
-    assert _same_config(saved, cfg)
-    assert not _same_config(saved, DistillConfig(recipe=RecipeConfig(epochs=3, precision="bf16")))
-    assert not _same_config({**saved, "recipe": {**saved["recipe"], "gone": 1}}, cfg)
+    assert same_config(saved, cfg)
+    assert not same_config(saved, DistillConfig(recipe=RecipeConfig(epochs=3, precision="bf16")))
+    assert not same_config({**saved, "recipe": {**saved["recipe"], "gone": 1}}, cfg)
 
 
 @pytest.mark.parametrize("precision, amp, device, autocast, scaled", [

@@ -363,11 +363,11 @@ def test_a_teacher_of_another_input_size_is_warned_about_with_the_numbers(tmp_pa
 
 def test_a_run_saved_before_a_field_existed_resumes_only_under_its_old_recipe():
     from edgekd import DistillConfig, RecipeConfig
-    from edgekd.distill import _same_config
+    from edgekd.distill import same_config
 
     old = DistillConfig().to_dict()
     del old["recipe"]["clip_grad"], old["kd"]["warmup_epochs"]  # saved before gradient clipping and the KD warm-up
-    assert not _same_config(old, DistillConfig())  # today's defaults would change what the run was doing
+    assert not same_config(old, DistillConfig())  # today's defaults would change what the run was doing
     legacy = DistillConfig(recipe=RecipeConfig(clip_grad=None))
     legacy = dataclasses.replace(legacy, kd=dataclasses.replace(legacy.kd, warmup_epochs=0.0))
-    assert _same_config(old, legacy)
+    assert same_config(old, legacy)

@@ -95,6 +95,14 @@ def test_pipeline_runs_and_skips_finished_work(tmp_path):
     run_pipeline(cfg, tmp_path, resume=True, on_stage=stages.append)
     assert [s for s in stages if s.startswith("student kd_all")] == ["student kd_all: training seed003_student"]
     assert sum("skipped" in s for s in stages) == 6  # the other 5 runs and the deploy step
+    # a run saved by an edgekd that had no kd.hint_weight yet is still the same run (it did what 0 does)
+    saved_file = tmp_path / "teachers" / "t1" / "config.json"
+    saved = json.loads(saved_file.read_text())
+    del saved["kd"]["hint_weight"]
+    saved_file.write_text(json.dumps(saved))
+    stages = []
+    run_pipeline(cfg, tmp_path, resume=True, on_stage=stages.append)
+    assert "teacher t1: done before, skipped" in stages
 
 
 def test_student_runs_over_several_seeds_report_the_kd_gain(tmp_path):
