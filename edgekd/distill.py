@@ -434,11 +434,16 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
     t_start = time.perf_counter()
     _validate(cfg)
     out, rt = Path(out_dir), resolve_runtime(cfg.recipe.device)
+    if cfg.kd.hint_weight and rt.world > 1:  # the adapter sits outside DistributedDataParallel: unaveraged gradients
+        raise EdgeKDError("kd.hint_weight runs in a single process; launch without torchrun or set it to 0")
     precision = resolve_precision(cfg.recipe.precision, cfg.recipe.amp, rt.device)
     _check_out_dir(out, resume)
     data = data if data is not None else _load_data(cfg, on_step)
     teachers = [load_teacher(p, device=rt.device, input_mean=cfg.kd.teacher_mean, input_std=cfg.kd.teacher_std)
                 for p in cfg.kd.teachers]
+    if cfg.kd.hint_weight and not teachers[0].kind.startswith("edgekd"):
+        raise EdgeKDError(f"kd.hint_weight needs an edgekd checkpoint teacher, and {teachers[0].name} is {teachers[0].kind}: "
+                          "its layers are what the student's feature map is matched to")
     teacher_reports = check_teachers(teachers, data) if teachers else []
     for warning in (w for report in teacher_reports for w in report.warnings):
         if on_step:
@@ -533,8 +538,6 @@ def _hint(kd: KDConfig, trained: nn.Module, data: ImageData, spec: InputSpec, rt
     """Hint distillation's teacher network, feature taps and adapter (None when ``kd.hint_weight`` is 0)."""
     if not kd.hint_weight:
         return None
-    if rt.world > 1:  # the adapter sits outside DistributedDataParallel: its gradients would not be averaged
-        raise EdgeKDError("kd.hint_weight runs in a single process; launch without torchrun or set it to 0")
     probe = to_unit(data.train_x[:2].to(rt.device))
     return build_hint(kd.teachers[0], trained, probe, spec, rt.device)
 

@@ -22,16 +22,18 @@ from edgekd.errors import EdgeKDError
 
 
 def last_spatial_module(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, torch.Size]:
-    """The leaf module whose output is the last 4-D map with more than one position when ``model``
-    runs on ``probe`` (the last 4-D map if none has more), and that output's shape."""
+    """The module that is the last to *finish* with a 4-D map of more than one position when ``model``
+    runs on ``probe`` (the last 4-D map if none has more), and that output's shape. Containers count:
+    a ResNet's last block applies its ReLU and adds its shortcut inside ``forward``, so its last leaf
+    (the shortcut's batch norm) is not the block's output, while the block (or the stage holding it)
+    finishes last with exactly the map global pooling reads."""
     seen: list[tuple[nn.Module, torch.Size]] = []
 
     def hook(module, _inputs, output):
         if isinstance(output, torch.Tensor) and output.dim() == 4:
             seen.append((module, output.shape))
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
     was_training = model.training
     try:
         model.eval()
@@ -48,14 +50,19 @@ def last_spatial_module(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Modul
 
 
 class FeatureTap:
-    """Keeps the latest output of one module (a forward hook) for the loss to read."""
+    """Keeps the latest output of one module (a forward hook) for the loss to read. With
+    ``training_only`` it records only forward passes that train (train mode, gradients on): the
+    student's evaluation and batch-norm passes run the same modules and must neither keep a map
+    alive nor stand in for a training step's."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, training_only: bool = False) -> None:
         self.value: torch.Tensor | None = None
+        self.training_only = training_only
         self.handle = module.register_forward_hook(self._keep)
 
-    def _keep(self, _module, _inputs, output) -> None:
-        self.value = output
+    def _keep(self, module, _inputs, output) -> None:
+        if not self.training_only or (module.training and torch.is_grad_enabled()):
+            self.value = output
 
     def take(self) -> torch.Tensor:
         value, self.value = self.value, None
@@ -99,4 +106,4 @@ def build_hint(teacher_path: str, student: nn.Module, probe_unit: torch.Tensor, 
     t_module, t_shape = last_spatial_module(teacher, (fit_input(probe_unit, channels, size) - mean) / std)
     s_module, s_shape = last_spatial_module(student, student_input(probe_unit))
     adapter = nn.Conv2d(s_shape[1], t_shape[1], kernel_size=1, bias=False).to(device)
-    return Hint(teacher, FeatureTap(t_module), FeatureTap(s_module), adapter, mean, std, channels, size)
+    return Hint(teacher, FeatureTap(t_module), FeatureTap(s_module, training_only=True), adapter, mean, std, channels, size)
