@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import platform
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,23 @@ TARGETS = {
     "x86-vnni": (False, "x86 with AVX512-VNNI or AVX-VNNI: 32-bit accumulation, full 8-bit weights"),
     "x86": (True, "x86 without VNNI: 16-bit intermediate sums saturate, 7-bit weights (reduce_range)"),
 }
+
+
+def host_target() -> str | None:
+    """This CPU as a ``TARGETS`` name: arm, x86-vnni (AVX512-VNNI or AVX-VNNI in /proc/cpuinfo) or x86;
+    None where it cannot be told."""
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return "arm"
+    if machine not in ("x86_64", "amd64"):
+        return None
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "x86-vnni" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "x86"
+
+
 TFLITE_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
 
 
@@ -300,8 +318,12 @@ def _quantize_onnx(onnx_fp32, fp32_art, tmp, inputs: _Inputs, activation_type, t
         made[act] = path
     timings = {act: onnx_latency_ms(path) for act, path in made.items()} if len(made) > 1 else {}
     best = min(timings, key=timings.get) if timings else wanted[0]
+    host = host_target()
     choice = {"activation_type": best, "weight_type": "int8", "format": "QDQ", "per_channel": True,
-              "target": target, "reduce_range": reduce_range, "target_why": target_why}
+              "target": target, "reduce_range": reduce_range, "target_why": target_why, "measured_on": host}
+    if host == "x86" and not reduce_range:
+        choice["caveat"] = (f"measured on an x86 CPU without VNNI, whose 16-bit sums can saturate the full-range weights "
+                            f"made for {target}: the int8 accuracy here may be lower than on the target")
     if timings:
         choice["p50_ms_by_activation_type"] = timings
         choice["why"] = f"{best} activations ran fastest on this CPU (batch 1, 1 thread, p50)"

@@ -116,6 +116,17 @@ def test_target_without_vnni_gets_7_bit_onnx_weights_and_says_so(digits_model, t
     assert not (tmp_path / "no").exists()
 
 
+def test_full_range_weights_measured_without_vnni_carry_a_caveat(digits_model, tmp_path, monkeypatch):
+    mod = importlib.import_module("edgekd.quantize")
+    monkeypatch.setattr(mod, "host_target", lambda: "x86")
+    result = runner.invoke(app, ["quantize", str(digits_model), "-f", "onnx", "--calib-size", "50",
+                                 "--activation-type", "uint8", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    choice = json.loads((tmp_path / "model_int8.onnx.json").read_text())["quantization_choice"]
+    assert choice["measured_on"] == "x86" and "may be lower than on the target" in choice["caveat"]
+    assert "warning: onnx: measured on an x86 CPU without VNNI" in " ".join(result.output.split())
+
+
 def test_export_errors(digits_model, tmp_path):
     result = runner.invoke(app, ["export", str(digits_model), "-f", "coreml"])
     assert result.exit_code == 1 and "unknown format 'coreml'" in result.output

@@ -87,6 +87,8 @@ def quantize_cmd(
     err.print(table)
     for m in result.models:
         err.print(f"{m.format}: {m.choice.get('why', '')}", highlight=False)
+        if m.choice.get("caveat"):
+            err.print(f"[yellow]warning:[/] {m.format}: {m.choice['caveat']}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(result_dict(result), indent=2) + "\n")
     if not result.passed:
