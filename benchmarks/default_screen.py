@@ -47,8 +47,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/default_screen"))
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--student", help="another student architecture than the embedded default's (results get its name)")
+    ap.add_argument("--only", nargs="+", choices=list(CANDIDATES), help="screen these settings only")
     args = ap.parse_args()
     cfg = load_pipeline_config(None)
+    name_suffix = ""
+    if args.student:
+        cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, arch=args.student))
+        name_suffix = f"_{args.student}"
+    results = RESULTS / f"default_screen{name_suffix}"
     teachers = run_pipeline(dataclasses.replace(cfg, students=(), deploy=dataclasses.replace(cfg.deploy, quantize=False),
                                                 bench=dataclasses.replace(cfg.bench, enabled=False),
                                                 package=dataclasses.replace(cfg.package, enabled=False)),
@@ -57,10 +64,10 @@ def main() -> None:
     data = load_data(cfg.data.dataset, val_fraction=cfg.data.val_fraction, test_fraction=cfg.data.test_fraction,
                      seed=cfg.data.split_seed)
     # candidates screened before are read back from the results file, so new ones can be added later
-    known = json.loads((RESULTS / "default_screen.json").read_text()) if (RESULTS / "default_screen.json").is_file() else {}
+    known = json.loads(results.with_suffix(".json").read_text()) if results.with_suffix(".json").is_file() else {}
     rows = {n: r for n, r in known.get("candidates", {}).items() if n in CANDIDATES and len(r["val_gain_per_seed"]) == args.seeds}
     for name, (kd_over, recipe_over) in CANDIDATES.items():
-        if name in rows:
+        if name in rows or (args.only and name not in args.only):
             continue
         gains = []
         for seed in range(args.seeds):
@@ -69,9 +76,9 @@ def main() -> None:
             kd_cfg = DistillConfig(data=cfg.data, model=cfg.student, recipe=recipe, kd=kd)
             twin = matched_scratch(kd_cfg)
             cache = args.out / "teacher_cache"
-            kd_val = val_acc(kd_cfg, args.out / name / f"kd-s{seed}", data, cache)
+            kd_val = val_acc(kd_cfg, args.out / f"{name}{name_suffix}" / f"kd-s{seed}", data, cache)
             twin_dir = f"twin-repeat{twin.recipe.repeat_share}-mixup{recipe.mixup_alpha}-b{recipe.batch_size}"
-            twin_val = val_acc(twin, args.out / twin_dir / f"s{seed}", data, cache)
+            twin_val = val_acc(twin, args.out / f"{twin_dir}{name_suffix}" / f"s{seed}", data, cache)
             gains.append(kd_val - twin_val)
         rows[name] = {"val_gain_per_seed": gains, "mean": statistics.mean(gains), "sd": statistics.stdev(gains)}
         print(name, rows[name], flush=True)
@@ -80,11 +87,12 @@ def main() -> None:
     real = {n: r for n, r in rows.items() if r["mean"] > r["sd"] / args.seeds ** 0.5}
     best = max(real, key=lambda n: real[n]["mean"]) if real else None
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "default_screen.json").write_text(json.dumps({"teacher": best_teacher.name, "seeds": args.seeds,
+    results.with_suffix(".json").write_text(json.dumps({"teacher": best_teacher.name, "seeds": args.seeds,
                                                              "split": "validation", "candidates": rows, "chosen": best},
                                                             indent=2))
     lines = ["# Embedded default: KD settings screened on the validation split", "",
-             f"`python benchmarks/default_screen.py --out {args.out} --seeds {args.seeds}`; teacher {best_teacher.name} "
+             f"`python benchmarks/default_screen.py --out {args.out} --seeds {args.seeds}"
+             + (f" --student {args.student}" if args.student else "") + f"`; teacher {best_teacher.name} "
              f"(validation {best_teacher.val_acc:.2f}%), student {cfg.student.arch}, {cfg.student_recipe.epochs} epochs. "
              "Gain = KD minus its matched scratch twin, validation top-1 points; the test split is not read.", "",
              "| setting | mean +- sd | per seed |", "|---|---:|---|"]
@@ -92,7 +100,7 @@ def main() -> None:
               for n, r in rows.items()]
     lines += ["", f"Chosen: {best}." if best else "Chosen: none. No setting beats its matched twin by more than its "
               "standard error over the seeds, so the embedded default keeps its recipe (T 4, alpha 0.5, 2 cached views).", ""]
-    (RESULTS / "default_screen.md").write_text("\n".join(lines))
+    results.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

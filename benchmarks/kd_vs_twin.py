@@ -6,11 +6,13 @@ and records validation top-1 (what a choice between modes may read), test top-1 
 run), whole-run time with the teacher's share, and training accuracy per epoch. Modes:
 
   cached        the default recipe: 2 cached teacher views per image + a fresh view of every image
+  cached-T1/T2  the same at temperature 1 or 2
   cached1       1 cached view + a fresh view (the faster cache)
   online        the teacher answers for every batch the student sees (``kd.cache_views 0``)
+  online-T1     online at temperature 1
   online-mixup  online, with mixup between images (Beta(1, 1)); the teacher sees the blended images
   online-hint   online, plus feature (hint) distillation of the last feature map (``kd.hint_weight`` 1)
-  online-T1     online with T = 1 and alpha 0.1: mostly the teacher's plain probabilities
+  online-T1-hint  both
 
 Modes whose twins are the same run share it (``TWIN_OF``).
 
@@ -36,13 +38,18 @@ from edgekd.errors import EdgeKDError
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = {
     "cached": ({}, {}),
+    "cached-T1": ({"temperature": 1.0}, {}),
+    "cached-T2": ({"temperature": 2.0}, {}),
     "cached1": ({"cache_views": 1}, {}),
     "online": ({"cache_views": 0}, {}),
+    "online-T1": ({"cache_views": 0, "temperature": 1.0}, {}),
     "online-mixup": ({"cache_views": 0}, {"mixup_alpha": 1.0}),
     "online-hint": ({"cache_views": 0, "hint_weight": 1.0}, {}),
-    "online-T1": ({"cache_views": 0, "temperature": 1.0, "alpha": 0.1}, {}),
+    "online-T1-hint": ({"cache_views": 0, "temperature": 1.0, "hint_weight": 1.0}, {}),
 }
-TWIN_OF = {"online-hint": "online", "online-T1": "online"}  # matched_scratch gives the same config
+# matched_scratch gives these the same twin config as the mode named
+TWIN_OF = {"cached-T1": "cached", "cached-T2": "cached", "online-T1": "online", "online-hint": "online",
+           "online-T1-hint": "online"}
 
 
 def kd_config(dataset: str, teacher: str, student: str, epochs: int, seed: int, mode: str) -> DistillConfig:
