@@ -95,8 +95,8 @@ class QuantizedModel:
     quantized_ops: int  # compute operators running in int8
     float_compute_ops: int  # compute operators left in float
     choice: dict = field(default_factory=dict)  # e.g. ONNX activation type and why
-    # Share of the multiply-accumulates that the runtime executed in int8 kernels (onnxruntime's
-    # profiler, weighed by each kernel's MACs); None where the runtime gives no such record (LiteRT).
+    # Share of the multiply-accumulates in int8: for ONNX, what onnxruntime's profiler says its kernels
+    # ran; for TFLite, the operators LiteRT's interpreter holds on integer tensors (tflite_int8_mac_share).
     int8_mac_share: float | None = None
 
     @property
@@ -443,6 +443,10 @@ def _quantize_tflite(onnx_fp32, tmp, inputs: _Inputs, io, target):
     quantized, float_ops = count_tflite_ops(files[key])
     if quantized == 0:
         raise EdgeKDError("the TFLite model's compute operators all stayed float: it was not quantized")
+    share = tflite_int8_mac_share(files[key])
+    if share < MIN_INT8_MAC_SHARE:
+        raise EdgeKDError(f"LiteRT would run only {100 * share:.0f}% of the multiply-accumulates on int8 tensors "
+                          f"(at least {100 * MIN_INT8_MAC_SHARE:.0f}% expected): the int8 model would not be int8 where it counts")
     fp32_acc = _accuracy(TFLiteRunner(files["float32"])(nhwc(i.test_x)), i.test_y)
     int8_acc = _accuracy(TFLiteRunner(files[key])(nhwc(i.test_x)), i.test_y)
     # TensorFlow Lite's int8 scheme has full-range symmetric weights on every target (its kernels
@@ -450,7 +454,7 @@ def _quantize_tflite(onnx_fp32, tmp, inputs: _Inputs, io, target):
     choice = {"io": io, "activations": "int8", "weights": "int8 per-channel", "target": target, "reduce_range": False,
               "why": "float32 I/O loads in MediaPipe and the TFLite Task Library, which refuse int8 input tensors"
               if io == "float32" else f"{io} input and output tensors were asked for"}
-    return QuantizedModel("tflite", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice)
+    return QuantizedModel("tflite", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice, share)
 
 
 def count_tflite_ops(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
@@ -467,6 +471,38 @@ def count_tflite_ops(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
         else:
             floats += 1
     return quantized, floats
+
+
+def tflite_int8_mac_share(path_or_runner: Path | TFLiteRunner) -> float:
+    """Share of the compute operators' multiply-accumulates that LiteRT runs on integer tensors."""
+    int8_macs, total = tflite_macs(path_or_runner)
+    return int8_macs / total if total else 0.0
+
+
+def tflite_macs(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
+    """(MACs on integer tensors, all MACs) of the compute operators the loaded interpreter holds (after its
+    default XNNPACK delegation), each weighed as output elements x reduction size (kernel area x input
+    channels; kernel area for depthwise)."""
+    runner = path_or_runner if isinstance(path_or_runner, TFLiteRunner) else TFLiteRunner(path_or_runner)
+    tensors = {t["index"]: t for t in runner.interp.get_tensor_details()}
+    int8_macs = total = 0
+    for op in runner.interp._get_ops_details():  # LiteRT's op listing (no public equivalent)
+        name = op["op_name"]
+        if name not in TFLITE_COMPUTE:
+            continue
+        activation = tensors[op["inputs"][2 if name == "TRANSPOSE_CONV" else 0]]
+        weights = [int(v) for v in tensors[op["inputs"][1]]["shape"]]
+        out = int(np.prod(tensors[op["outputs"][0]]["shape"]))
+        if name == "TRANSPOSE_CONV":  # every input element meets every kernel tap of every output channel
+            macs = int(np.prod(activation["shape"])) * int(np.prod(weights[:3]))
+        elif name == "DEPTHWISE_CONV_2D":
+            macs = out * weights[1] * weights[2]
+        else:  # CONV_2D (O, kh, kw, I) and FULLY_CONNECTED (O, I)
+            macs = out * int(np.prod(weights[1:]))
+        total += macs
+        if activation["dtype"] in (np.int8, np.uint8, np.int16):
+            int8_macs += macs
+    return int8_macs, total
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:

@@ -59,6 +59,19 @@ def test_int8_is_really_int8_and_accurate(quantized):
         side = json.loads(m.int8.path.with_name(m.int8.path.name + ".json").read_text())
         assert side["quantization_choice"]["target"] == "arm"
     assert _max_int8_weight(by_format["onnx"].int8.path) == 127
+    # LiteRT's side of the proof: every multiply-accumulate on int8 tensors, none in the fp32 file, and the
+    # MACs it weighs by are the ones torch counts for the checkpoint
+    from edgekd.bench import model_cost
+    from edgekd.checkpoint import load_model
+    from edgekd.quantize import tflite_macs
+
+    lite = by_format["tflite"]
+    assert lite.int8_mac_share == 1.0 and tflite_macs(lite.fp32.path)[0] == 0
+    from edgekd.export import deploy_net
+
+    model, meta = load_model(quantized.checkpoint)
+    net, _ = deploy_net(model, meta)  # what was exported: RGB input, the luma conversion folded into the first conv
+    assert tflite_macs(lite.int8.path)[1] == model_cost(net, 3, tuple(meta["input_size"]))[1]
     assert len(quantized.calibration.indices) == 100 and max(quantized.calibration.per_class) - min(quantized.calibration.per_class) <= 1
 
 
