@@ -146,10 +146,10 @@ BLOCKS = {"fresh-clone": block_fresh_clone, "default-models": block_default_mode
 def render(readme: Path) -> None:
     text = readme.read_text()
     for name, make in BLOCKS.items():
-        pattern = re.compile(rf"(<!-- numbers:{name} -->\n).*?(\n<!-- /numbers -->)", re.S)
+        pattern = re.compile(rf"(<!-- numbers:{name} -->\n)(?:(?!<!-- numbers:).)*?(<!-- /numbers -->)", re.S)
         if not pattern.search(text):
             sys.exit(f"README.md has no <!-- numbers:{name} --> block")
-        text = pattern.sub(lambda m: m.group(1) + make() + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
     readme.write_text(text)
 
 
