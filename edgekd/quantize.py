@@ -440,15 +440,16 @@ def _quantize_tflite(onnx_fp32, tmp, inputs: _Inputs, io, target):
         raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")
     fp32_art = check_tflite(files["float32"], i.check_x, i.reference, "fp32")
     art = check_tflite(files[key], i.check_x, i.reference, "int8")
-    quantized, float_ops = count_tflite_ops(files[key])
+    runner = TFLiteRunner(files[key])  # loaded once: the op count, the MAC share and the test split
+    quantized, float_ops = count_tflite_ops(runner)
     if quantized == 0:
         raise EdgeKDError("the TFLite model's compute operators all stayed float: it was not quantized")
-    share = tflite_int8_mac_share(files[key])
+    share = tflite_int8_mac_share(runner)
     if share < MIN_INT8_MAC_SHARE:
         raise EdgeKDError(f"LiteRT would run only {100 * share:.0f}% of the multiply-accumulates on int8 tensors "
                           f"(at least {100 * MIN_INT8_MAC_SHARE:.0f}% expected): the int8 model would not be int8 where it counts")
     fp32_acc = _accuracy(TFLiteRunner(files["float32"])(nhwc(i.test_x)), i.test_y)
-    int8_acc = _accuracy(TFLiteRunner(files[key])(nhwc(i.test_x)), i.test_y)
+    int8_acc = _accuracy(runner(nhwc(i.test_x)), i.test_y)
     # TensorFlow Lite's int8 scheme has full-range symmetric weights on every target (its kernels
     # are built for it), so the target is recorded, not applied.
     choice = {"io": io, "activations": "int8", "weights": "int8 per-channel", "target": target, "reduce_range": False,

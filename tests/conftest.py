@@ -95,3 +95,17 @@ def folder_run(tmp_path_factory):
     train(cfg, out)
     quantize(out / "best.pt", calib_size=30)
     return out
+
+
+class Stop(Exception):
+    """Raised by ``stop_after_epoch``'s callback: an interruption at a known moment."""
+
+
+def stop_after_epoch(n: int):
+    """An ``on_step`` callback that interrupts training right after epoch ``n`` was saved."""
+
+    def on_step(stage, done, total, info):
+        if stage == "epoch" and done == n:
+            raise Stop
+
+    return on_step

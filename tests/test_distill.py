@@ -9,6 +9,7 @@ import torch
 from edgekd import DistillConfig, KDConfig, ModelConfig, RecipeConfig, train
 from edgekd.checkpoint import load_checkpoint
 from edgekd.errors import EdgeKDError
+from tests.conftest import Stop, stop_after_epoch
 
 PLAIN = dict(augment_pad=0, augment_flip=False, batch_size=32)
 
@@ -45,15 +46,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(synth, tmp_path)
     cfg = DistillConfig(model=ModelConfig(arch="resnet8"), recipe=RecipeConfig(epochs=3, lr=0.05, **PLAIN))
     full = train(cfg, tmp_path / "full", data=synth)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_two(stage, done, total, info):
-        if stage == "epoch" and done == 2:
-            raise Stop
-
     with pytest.raises(Stop):
-        train(cfg, tmp_path / "cut", data=synth, on_step=stop_after_two)
+        train(cfg, tmp_path / "cut", data=synth, on_step=stop_after_epoch(2))
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
     with pytest.raises(EdgeKDError, match="--resume"):
         train(cfg, tmp_path / "cut", data=synth)

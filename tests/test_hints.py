@@ -7,6 +7,7 @@ from torch import nn
 from edgekd import DistillConfig, KDConfig, ModelConfig, RecipeConfig, train
 from edgekd.checkpoint import load_checkpoint, load_model
 from edgekd.errors import EdgeKDError
+from tests.conftest import Stop, stop_after_epoch
 from edgekd.hints import build_hint, last_spatial_module
 from edgekd.losses import hint_loss
 
@@ -85,15 +86,8 @@ def test_the_student_learns_the_teachers_feature_map_and_resumes_exactly(synth, 
     plain = train(_hint_cfg(teacher, hint_weight=0.0), tmp_path / "plain", data=synth)
     assert plain.history[-1]["train_loss"] != full.history[-1]["train_loss"]  # the term is in the loss
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_one(stage, done, total, info):
-        if stage == "epoch" and done == 1:
-            raise Stop
-
     with pytest.raises(Stop):
-        train(_hint_cfg(teacher), tmp_path / "cut", data=synth, on_step=stop_after_one)
+        train(_hint_cfg(teacher), tmp_path / "cut", data=synth, on_step=stop_after_epoch(1))
     train(_hint_cfg(teacher), tmp_path / "cut", data=synth, resume=True)
     cut = load_checkpoint(tmp_path / "cut" / "last.pt")
     for k, v in last["state_dict"].items():
