@@ -87,12 +87,17 @@ class Hint:
     @torch.no_grad()
     def teacher_outputs(self, x_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's logits ``(1, B, K)`` (one teacher, as the KD loss takes them) and its feature map."""
-        x = (fit_input(x_unit, self.channels, self.size) - self.mean) / self.std
-        logits = self.teacher(x).float()
+        logits = self.teacher(_teacher_input(x_unit, self.channels, self.size, self.mean, self.std)).float()
         return logits.unsqueeze(0), self.teacher_tap.take().float()
 
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def _teacher_input(x_unit: torch.Tensor, channels: int, size: tuple[int, int], mean: torch.Tensor,
+                   std: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels as the teacher takes them: its channels and size, its normalization."""
+    return (fit_input(x_unit, channels, size) - mean) / std
 
 
 def build_hint(teacher_path: str, student: nn.Module, probe_unit: torch.Tensor, student_input, device) -> Hint:
@@ -103,7 +108,7 @@ def build_hint(teacher_path: str, student: nn.Module, probe_unit: torch.Tensor, 
     channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
     mean = torch.tensor(meta["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(meta["std"], device=device).view(1, -1, 1, 1)
-    t_module, t_shape = last_spatial_module(teacher, (fit_input(probe_unit, channels, size) - mean) / std)
+    t_module, t_shape = last_spatial_module(teacher, _teacher_input(probe_unit, channels, size, mean, std))
     s_module, s_shape = last_spatial_module(student, student_input(probe_unit))
     adapter = nn.Conv2d(s_shape[1], t_shape[1], kernel_size=1, bias=False).to(device)
     return Hint(teacher, FeatureTap(t_module), FeatureTap(s_module, training_only=True), adapter, mean, std, channels, size)
