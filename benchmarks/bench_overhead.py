@@ -4,7 +4,7 @@ For the same file and the same input, two timers alternate, nine rounds each:
 - bare: the runtime called directly in a Python loop (onnxruntime ``sess.run`` with a prebuilt
   feed; LiteRT ``set_tensor``/``invoke``/``get_tensor``), 10 warm-up calls, then at least 50
   calls and 1 s, p50 of ``perf_counter`` deltas;
-- edgekd: ``edgekd.bench.load_runtime(path).single(x)`` timed by ``edgekd.bench.time_calls`` with
+- edgekd: ``edgekd.runtime.load_runtime(path).single(x)`` timed by ``edgekd.timing.time_calls`` with
   the same settings (what `edgekd bench` reports).
 Reported: the median over rounds of each p50 and their ratio (edgekd / bare). Target: within 5%.
 
@@ -67,7 +67,9 @@ def bare_call(path: Path, x_nchw: np.ndarray):
 def build_files(arch: str, folder: Path) -> list[Path]:
     import torch
 
-    from edgekd.export import Deployable, onnx_to_tflite, to_onnx
+    from edgekd.deployable import Deployable
+
+    from edgekd.convert import onnx_to_tflite, to_onnx
     from edgekd.zoo import build_model
 
     net = Deployable(build_model(arch, 10, 3, (32, 32)), [0.5] * 3, [0.25] * 3).eval()
@@ -77,7 +79,8 @@ def build_files(arch: str, folder: Path) -> list[Path]:
 
 
 def main() -> None:
-    from edgekd.bench import environment, load_runtime
+    from edgekd.bench import environment
+    from edgekd.runtime import load_runtime
     from edgekd.timing import time_calls
 
     rows = []

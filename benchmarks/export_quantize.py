@@ -26,10 +26,11 @@ def measure(name: str, checkpoint: Path) -> dict:
     import numpy as np
     import torch
 
-    from edgekd.bench import latency_fn
+    from edgekd.runtime import latency_fn
     from edgekd.timing import time_calls
     from edgekd.checkpoint import load_model
-    from edgekd.export import Deployable, model_input, resolve_data
+    from edgekd.deployable import Deployable, model_input
+    from edgekd.export import resolve_data
     from edgekd.quantize import quantize
 
     out = checkpoint.parent / "bench-export"

@@ -21,193 +21,16 @@ from typing import Callable
 
 import numpy as np
 
-from edgekd.errors import EdgeKDError, first_line
-from edgekd.registry import Registry
-from edgekd.timing import LatencyStats, time_calls
 from edgekd.checkpoint import chosen_input_size, load_model
 from edgekd.data import ImageData, load_data, to_unit
-from edgekd.export import Deployable, nhwc_array, onnx_session, resolve_data, run_onnx, TFLiteRunner
-from edgekd.files import read_json
-from edgekd.quantize import count_tflite_ops
-from edgekd.zoo import count_params, fit_input
+from edgekd.errors import EdgeKDError, first_line
+from edgekd.export import resolve_data
+import edgekd.rundir as rundir
+from edgekd.runtime import Loaded, load_runtime, read_sidecar, source_checkpoint, SUFFIX_FORMAT
+from edgekd.timing import LatencyStats, time_calls
+from edgekd.zoo import fit_input, model_cost
 
 SCHEMA = "edgekd.bench/1"
-RUNTIMES: Registry[Callable[..., "Loaded"]] = Registry("model format")
-SUFFIX_FORMAT = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx", ".tflite": "tflite"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Runtimes: one loader per format, each returning the same small interface.
-
-
-@dataclass
-class Loaded:
-    """A model ready to run: ``predict`` on NCHW [0, 1] float32 batches, plus what it is."""
-
-    format: str
-    runtime: str
-    precision: str
-    channels: int
-    input_size: tuple[int, int]
-    classes: tuple[str, ...] | None  # None when the file does not say
-    predict: Callable[[np.ndarray], np.ndarray]  # (B, C, H, W) -> (B, K) scores
-    single: Callable[[np.ndarray], Callable[[], object]]  # (1, C, H, W) -> a zero-argument timed call
-    batched: Callable[[np.ndarray], Callable[[], object]]  # (B, C, H, W) -> a zero-argument timed call
-    source: Path | None = None  # the edgekd checkpoint a file was exported from
-    params: int | None = None
-    macs: int | None = None
-
-
-def latency_fn(path: str | Path, x_nchw: np.ndarray, threads: int = 1) -> Callable[[], object]:
-    """A zero-argument call running one image through the file's runtime (.pt, .onnx, .tflite)."""
-    path = Path(path)
-    return load_runtime(path, threads).single(x_nchw)
-
-
-def load_runtime(path: Path, threads: int = 1) -> Loaded:
-    fmt = SUFFIX_FORMAT.get(path.suffix.lower())
-    if fmt is None:
-        raise EdgeKDError(f"unknown model format {path.suffix or path.name!r}: give an edgekd checkpoint (.pt), "
-                          "an .onnx or a .tflite file, or a run directory")
-    if not path.is_file():
-        raise EdgeKDError(f"model not found: {path}")
-    return RUNTIMES.get(fmt)(path, threads)
-
-
-@RUNTIMES.register("pytorch")
-def _load_pytorch(path: Path, threads: int) -> Loaded:
-    import torch
-
-
-    torch.set_num_threads(threads)
-    model, meta = load_model(path)
-    net = Deployable(model, meta["mean"], meta["std"]).eval()
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return np.concatenate([net(torch.from_numpy(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
-
-    def call(x: np.ndarray):
-        xt = torch.from_numpy(x)
-
-        def forward():
-            with torch.inference_mode():
-                return net(xt)
-
-        return forward
-
-    params, macs = model_cost(model, int(meta["in_channels"]), tuple(meta["input_size"]))
-    return Loaded("pytorch", f"torch {torch.__version__}", "fp32", int(meta["in_channels"]), tuple(meta["input_size"]),
-                  tuple(meta["classes"]), predict, call, call, path, params, macs)
-
-
-@RUNTIMES.register("onnx")
-def _load_onnx(path: Path, threads: int) -> Loaded:
-    import onnxruntime as ort
-
-
-    sess = onnx_session(path, threads)
-    inp = sess.get_inputs()[0]
-    if len(inp.shape) != 4 or not all(isinstance(d, int) for d in inp.shape[1:]):
-        raise EdgeKDError(f"{path.name}: input shape {inp.shape} is not (batch, channels, height, width)")
-    name = inp.name
-    side = _sidecar(path)
-
-    def call(x: np.ndarray):
-        return lambda: sess.run(None, {name: x})
-
-    precision = "int8" if any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in _onnx_nodes(path)) else "fp32"
-    return Loaded("onnx", f"onnxruntime {ort.__version__}", precision, int(inp.shape[1]), (int(inp.shape[2]), int(inp.shape[3])),
-                  _classes(side), lambda x: run_onnx(sess, x), call, call, _source(path, side))
-
-
-def _onnx_nodes(path: Path):
-    import onnx
-
-    try:
-        return onnx.load(str(path), load_external_data=False).graph.node
-    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
-        raise EdgeKDError(f"onnx could not parse {path.name} ({first_line(exc)}); export it again") from None
-
-
-@RUNTIMES.register("tflite")
-def _load_tflite(path: Path, threads: int) -> Loaded:
-
-    runner = TFLiteRunner(path, threads)
-    shape = runner.inp["shape"]  # (1, H, W, C)
-    if len(shape) != 4:
-        raise EdgeKDError(f"{path.name}: input shape {list(shape)} is not (batch, height, width, channels)")
-    side = _sidecar(path)
-    precision = "int8" if _tflite_is_int8(runner) else ("fp16" if "fp16" in path.stem else "fp32")
-
-    def call(x: np.ndarray):
-        return _invoke(runner, nhwc_array(x))
-
-    def batched(x: np.ndarray):
-        # A second interpreter resized to the batch; files with a fixed batch of 1 loop instead.
-        try:
-            big = TFLiteRunner(path, threads)
-            big.interp.resize_tensor_input(big.inp["index"], [len(x), *shape[1:]])
-            big.interp.allocate_tensors()
-            big.inp = big.interp.get_input_details()[0]
-            big.out = big.interp.get_output_details()[0]
-        except Exception:  # noqa: BLE001 - not resizable: fall back to one image at a time
-            return lambda: runner(nhwc_array(x))
-        return _invoke(big, nhwc_array(x))
-
-    from importlib.metadata import version
-
-    return Loaded("tflite", f"litert {version('ai-edge-litert')}", precision, int(shape[3]), (int(shape[1]), int(shape[2])),
-                  _classes(side), lambda x: runner(nhwc_array(x)), call, batched, _source(path, side))
-
-
-def _invoke(runner, x_nhwc: np.ndarray) -> Callable[[], np.ndarray]:
-    """One timed LiteRT call on a prepared input: set, invoke, read (what an app does per frame)."""
-
-    def invoke():
-        runner.set_input(x_nhwc)
-        runner.interp.invoke()
-        return runner.get_output()
-
-    return invoke
-
-
-def _tflite_is_int8(runner) -> bool:
-
-    return count_tflite_ops(runner)[0] > 0
-
-
-def _sidecar(path: Path) -> dict:
-
-    return read_json(path.with_name(path.name + ".json"))
-
-
-def _classes(side: dict) -> tuple[str, ...] | None:
-    classes = side.get("preprocessing", {}).get("classes")
-    return tuple(classes) if classes else None
-
-
-def _source(path: Path, side: dict) -> Path | None:
-    src = side.get("source_checkpoint")
-    if not src:
-        return None
-    full = (path.parent / src).resolve()
-    return full if full.is_file() else None
-
-
-def model_cost(model, channels: int, size: tuple[int, int]) -> tuple[int, int]:
-    """Parameters and multiply-accumulates for one image (torch's FLOP counter, FLOPs / 2)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-
-    counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()
-    with counter, torch.no_grad():
-        model(torch.zeros(1, channels, *size))
-    model.train(was_training)
-    return count_params(model), int(counter.get_total_flops() // 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,34 +148,26 @@ def collect_models(models: list[str | Path], teacher: str | Path | None = None) 
 
 
 def _name(p: Path) -> str:
-    return f"{p.parent.name}/{p.name}" if p.name in ("best.pt", "last.pt") else p.name
+    return f"{p.parent.name}/{p.name}" if p.name in rundir.CHECKPOINT_NAMES else p.name
 
 
 def _expand_dir(p: Path) -> tuple[list[ModelSpec], str | None]:
-    specs, ref, best = [], None, -1.0
-    if (p / "teachers").is_dir() or (p / "students").is_dir():
-        for role in ("teachers", "students"):
-            for run in sorted((p / role).glob("*/best.pt")):
-                specs.append(ModelSpec(run, run.parent.name, role[:-1]))
-                if role == "teachers":
-                    acc = _val_acc(run.parent)
-                    if acc > best:
-                        ref, best = run.parent.name, acc
-        deploy = p / "deploy"
-        specs += [ModelSpec(f, f"deploy/{f.name}", "variant") for f in _model_files(deploy)] if deploy.is_dir() else []
+    specs: list[ModelSpec] = []
+    if rundir.is_pipeline_run(p):
+        specs += [ModelSpec(run, run.parent.name, "teacher") for run in rundir.teacher_checkpoints(p)]
+        best_teacher = rundir.best_teacher(p)
+        ref = rundir.run_of(best_teacher).name if best_teacher else None
+        specs += [ModelSpec(run, run.parent.name, "student") for run in rundir.student_checkpoints(p)]
+        deploy = rundir.deploy_dir(p)
+        specs += [ModelSpec(f, f"{deploy.name}/{f.name}", "variant") for f in _model_files(deploy)] if deploy.is_dir() else []
         return specs, ref
-    if (p / "best.pt").is_file():
-        return [ModelSpec(p / "best.pt", p.name, "student")], None
+    if rundir.is_training_run(p):
+        return [ModelSpec(rundir.best(p), p.name, "student")], None
     return [ModelSpec(f, f.name, "student" if f.suffix == ".pt" else "variant") for f in _model_files(p)], None
 
 
 def _model_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.suffix in (".onnx", ".tflite") and not f.name.startswith("."))
-
-
-def _val_acc(run_dir: Path) -> float:
-
-    return float(read_json(run_dir / "result.json").get("best_val_acc", -1.0))
 
 
 def bench(
@@ -418,9 +233,9 @@ def _resolve_bench_data(specs: list[ModelSpec], data):
         return load_data(data)
     for s in specs:
         ckpts = [s.path] if s.path.suffix == ".pt" else []
-        src = _source(s.path, _sidecar(s.path)) if s.path.suffix in (".onnx", ".tflite") else None
+        src = source_checkpoint(s.path, read_sidecar(s.path)) if s.path.suffix in (".onnx", ".tflite") else None
         for c in ckpts + ([src] if src else []):
-            if (c.parent / "config.json").is_file():
+            if rundir.config_file(rundir.run_of(c)).is_file():
                 return resolve_data(c, None)
     raise EdgeKDError("no dataset recorded with these models; pass --data SPEC with the images they were trained on")
 
@@ -488,7 +303,7 @@ def _resize_warning(spec: ModelSpec, loaded: Loaded, data) -> str | None:
 def _backbone_init(ckpt: Path) -> str | None:
     """How the torchvision backbone of a checkpoint started, from its run's config.json (None otherwise)."""
 
-    model = read_json(Path(ckpt).parent / "config.json").get("model", {}) if Path(ckpt).suffix == ".pt" else {}
+    model = rundir.recorded_config(ckpt).get("model", {}) if Path(ckpt).suffix == ".pt" else {}
     if not str(model.get("arch", "")).startswith(("torchvision:", "timm:")):
         return None
     start = ("ImageNet weights" + (f" from {model['weights_path']}" if model.get("weights_path") else "")
@@ -578,7 +393,7 @@ def _focus(rows: list[BenchRow], teacher: str | None) -> str | None:
 
 
 def _history(path: Path) -> list[dict] | None:
-    f = path.parent / "history.json" if path.suffix == ".pt" else None
+    f = rundir.history_file(rundir.run_of(path)) if path.suffix == ".pt" else None
     if f is None or not f.is_file():
         return None
     try:

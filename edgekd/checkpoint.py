@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from edgekd.errors import EdgeKDError
-from edgekd.files import atomic_write_bytes, read_json
+from edgekd.files import atomic_write_bytes
 from edgekd.zoo import build_model
+import edgekd.rundir as rundir
 
 FORMAT = "edgekd.checkpoint/1"
 MODEL_KEYS = ("arch", "arch_kwargs", "classes", "in_channels", "input_size", "mean", "std")
@@ -90,7 +91,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 def chosen_input_size(ckpt: str | Path) -> tuple[int, int] | None:
     """The input size a checkpoint's run chose on purpose (``model.input_size`` in the config.json beside
     it, e.g. 48 px for an ImageNet backbone on 32 px data): resizing to it is intended, not a mismatch."""
-    size = read_json(Path(ckpt).parent / "config.json").get("model", {}).get("input_size")
+    size = rundir.recorded_config(ckpt).get("model", {}).get("input_size")
     return (size, size) if isinstance(size, int) else None
 
 

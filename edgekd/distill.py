@@ -34,6 +34,7 @@ from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
 from edgekd.hints import CHECKPOINT_SUFFIXES, Hint, build_hint
 from edgekd.teachers import FunctionTeacher, load_teacher
 from edgekd.zoo import EXTERNAL_PREFIXES, build_model, count_params, fit_input, pool_before_activation
+import edgekd.rundir as rundir
 
 OnStep = Callable[[str, int, int, dict], None]
 # Fused kernels (CPU and CUDA): one pass over all parameters instead of a Python loop over tensors,
@@ -473,9 +474,9 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
-    if (out / "last.pt").exists() and not resume:
+    if rundir.last(out).exists() and not resume:
         raise EdgeKDError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume and not (out / "last.pt").exists():
+    if resume and not rundir.last(out).exists():
         raise EdgeKDError(f"nothing to resume in {out}: no epoch finished there (no last.pt); "
                           "run the same command without --resume to start it")
 
@@ -521,13 +522,13 @@ def _make_loop(cfg, out, model, data, spec, precision, rt, teachers, resume, cac
     clip = GradClipper([*model.parameters(), *extra], r.clip_grad, rt.device)
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "history": [], "elapsed_s": 0.0}
     if resume:
-        state = _restore(out / "last.pt", cfg, model, optimizer, scheduler, scaler, rt.device, clip, hint)
+        state = _restore(rundir.last(out), cfg, model, optimizer, scheduler, scaler, rt.device, clip, hint)
         if on_step:
             on_step("resumed", state["epoch"], r.epochs, {"best_val_acc": state["best_val_acc"]})
     if rt.world > 1:
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     if rt.main:
-        atomic_write_json(out / "config.json", cfg.to_dict())
+        atomic_write_json(rundir.config_file(out), cfg.to_dict())
     weights = torch.tensor(kd.teacher_weights, device=rt.device) if kd.teacher_weights else None
     loop = Loop(trained, data, spec, optimizer, scheduler, scaler, precision, rt, r, kd, pad, flip, teachers, cache,
                 weights, clip, hint)
@@ -560,8 +561,8 @@ def _save_epoch(out: Path, model: nn.Module, meta: dict, cfg: DistillConfig, loo
     record = state["history"][-1]
     if record["val_acc"] > state["best_val_acc"]:
         state["best_val_acc"], state["best_epoch"] = record["val_acc"], record["epoch"]
-        save_checkpoint(out / "best.pt", model, meta, epoch=record["epoch"], val_acc=record["val_acc"])
-    save_checkpoint(out / "last.pt", model, meta, config=cfg.to_dict(),
+        save_checkpoint(rundir.best(out), model, meta, epoch=record["epoch"], val_acc=record["val_acc"])
+    save_checkpoint(rundir.last(out), model, meta, config=cfg.to_dict(),
                     **_resume_state(loop.optimizer, loop.scheduler, loop.scaler, loop.rt.device, loop.clip, loop.hint),
                     **state)
     _write_history(out, state["history"])
@@ -578,7 +579,7 @@ def _finish(cfg, out, loop, meta, state, train_s, cache_s, teacher_reports) -> T
                          str(rt.device), tuple(teacher_reports), tuple(state["history"]), data.summary,
                          any(h.get("bn_recalibrated", False) for h in state["history"]))
     if rt.main:
-        atomic_write_json(out / "result.json", result.summary())
+        atomic_write_json(rundir.result_file(out), result.summary())
     if rt.world > 1:
         import torch.distributed as dist
 
@@ -607,7 +608,7 @@ def _check_collapse(history: list[dict], record: dict, num_classes: int, lr: flo
     chance = 100.0 / num_classes
     best = max((h["train_acc"] for h in history), default=0.0)
     if best >= 2 * chance and record["train_acc"] < 0.5 * best:
-        (out / "best.pt").unlink(missing_ok=True)
+        rundir.best(out).unlink(missing_ok=True)
         raise EdgeKDError(
             f"training collapsed at epoch {record['epoch']}: training accuracy fell from {best:.1f}% to "
             f"{record['train_acc']:.1f}% (chance {chance:.1f}%, loss {record['train_loss']:.3f}); the run stopped "
@@ -930,13 +931,13 @@ def same_config(saved: dict, cfg: DistillConfig) -> bool:
 
 def _load_best(out: Path, device):
 
-    return load_model(out / "best.pt", device=device)
+    return load_model(rundir.best(out), device=device)
 
 
 def _write_history(out: Path, history: list[dict]) -> None:
-    atomic_write_json(out / "history.json", history)
+    atomic_write_json(rundir.history_file(out), history)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_text(out / "history.csv", buf.getvalue())
+    atomic_write_text(rundir.history_csv(out), buf.getvalue())

@@ -28,10 +28,11 @@ from edgekd.native import quiet_native_logs
 from edgekd.version import __version__
 from edgekd.bench import bench
 from edgekd.data import to_unit
-from edgekd.export import nhwc_array, resolve_data, run_onnx, TFLiteRunner
-from edgekd.quantize import count_tflite_ops
+from edgekd.export import resolve_data
+from edgekd.runtime import count_tflite_ops, nhwc_array, run_onnx, TFLiteRunner
 from edgekd.report import bench_markdown
 from edgekd.zoo import fit_input
+import edgekd.rundir as rundir
 
 BUNDLE_SCHEMA = "edgekd.bundle/1"
 PRECISIONS = {"int8": "model_int8.tflite", "fp32": "model_fp32.tflite"}
@@ -82,14 +83,14 @@ def locate(source: str | Path, precision: str = "int8", labels: str | Path | Non
     if src.suffix == ".tflite":
         tflite, folder = src, src.parent
     else:
-        run_dir = src.is_dir() and (src / "students").is_dir()
+        run_dir = src.is_dir() and rundir.is_pipeline_run(src)
         if run_dir:  # an `edgekd run` directory
-            folder = src / "deploy"
-            teacher = _best_teacher(src)
-        elif src.is_dir() and (src / "best.pt").is_file():
-            folder = src / "export"
+            folder = rundir.deploy_dir(src)
+            teacher = rundir.best_teacher(src)
+        elif src.is_dir() and rundir.is_training_run(src):
+            folder = rundir.export_dir(rundir.best(src))
         elif src.suffix == ".pt":
-            folder = src.parent / "export"
+            folder = rundir.export_dir(src)
         else:
             raise EdgeKDError(f"{src} is not a run directory, an edgekd checkpoint or a .tflite file")
         tflite = folder / PRECISIONS[precision]
@@ -111,17 +112,8 @@ def locate(source: str | Path, precision: str = "int8", labels: str | Path | Non
     return Sources(tflite, onnx, ckpt, side, teacher)
 
 
-def _best_teacher(run: Path) -> Path | None:
-    best, acc = None, -1.0
-    for t in sorted((run / "teachers").glob("*/best.pt")):
-        a = read_json(t.parent / "result.json").get("best_val_acc", -1.0)
-        if a > acc:
-            best, acc = t, a
-    return best
-
-
 def _config_teacher(ckpt: Path) -> Path | None:
-    teachers = read_json(ckpt.parent / "config.json").get("kd", {}).get("teachers", [])
+    teachers = rundir.recorded_config(ckpt).get("kd", {}).get("teachers", [])
     files = [Path(t) for t in teachers if Path(t).suffix in (".pt", ".onnx", ".tflite") and Path(t).is_file()]
     return files[0] if files else None
 
@@ -592,8 +584,8 @@ def bundle_json(sources: Sources, desc: dict, names: list[str], norm, precision:
 
 def model_card(sources: Sources, data, manifest: dict, report) -> str:
 
-    cfg = read_json(sources.checkpoint.parent / "config.json") if sources.checkpoint else {}
-    result = read_json(sources.checkpoint.parent / "result.json") if sources.checkpoint else {}
+    cfg = rundir.recorded_config(sources.checkpoint) if sources.checkpoint else {}
+    result = read_json(rundir.result_file(rundir.run_of(sources.checkpoint))) if sources.checkpoint else {}
     recipe = cfg.get("recipe", {})
     kd = cfg.get("kd", {})
     teachers = kd.get("teachers") or []

@@ -26,6 +26,7 @@ from edgekd.distill import matched_scratch, same_config, train
 from edgekd.package import package
 from edgekd.quantize import TARGETS, quantize, result_dict
 from edgekd.report import write_bench_report
+import edgekd.rundir as rundir
 
 
 @dataclass(frozen=True)
@@ -263,17 +264,17 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
             teacher_files.append((t.name, t.file, float("nan")))
             continue
         run_cfg = DistillConfig(data=cfg.data, model=t.model, recipe=t.recipe)
-        row = _run_one(train, run_cfg, out / "teachers" / t.name, t.name, "teacher", data, on_stage, on_step)
+        row = _run_one(train, run_cfg, rundir.teacher_run(out, t.name), t.name, "teacher", data, on_stage, on_step)
         rows.append(row)
-        teacher_files.append((t.name, str(out / "teachers" / t.name / "best.pt"), row.val_acc))
+        teacher_files.append((t.name, str(rundir.best(rundir.teacher_run(out, t.name))), row.val_acc))
     ranked = [f[1] for f in sorted(teacher_files, key=lambda f: -f[2] if f[2] == f[2] else 0.0)]
-    by_seed = [_student_runs(cfg, out if k == 0 else out / "seeds" / f"seed{k}", k, ranked,
+    by_seed = [_student_runs(cfg, rundir.seed_root(out, k), k, ranked,
                              tuple(f[1] for f in teacher_files), data, on_stage, on_step) for k in range(cfg.seeds)]
     rows += by_seed[0]
     gains = kd_gains(by_seed)
 
-    deployed = _deploy(cfg.deploy, rows, data, out / "deploy", on_stage) if cfg.deploy.quantize else None
-    atomic_write_json(out / "summary.json", {"models": [r.__dict__ for r in rows], "kd_gain_over_matched_scratch": gains,
+    deployed = _deploy(cfg.deploy, rows, data, rundir.deploy_dir(out), on_stage) if cfg.deploy.quantize else None
+    atomic_write_json(rundir.summary_file(out), {"models": [r.__dict__ for r in rows], "kd_gain_over_matched_scratch": gains,
                                              "deployed": deployed})
     report = _bench(cfg.bench, out, data, teacher_files, on_stage, on_step) if cfg.bench.enabled else None
     bundle = None
@@ -281,7 +282,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
 
         if on_stage:
             on_stage(f"package: {cfg.package.precision} bundle for apps, verified in LiteRT, MediaPipe and onnxruntime")
-        bundle = package(out, out_dir=out / "bundle", precision=cfg.package.precision, data=data,
+        bundle = package(out, out_dir=rundir.bundle_dir(out), precision=cfg.package.precision, data=data,
                          make_zip=cfg.package.zip, bench_runs=cfg.bench.min_runs, bench_seconds=cfg.bench.min_seconds,
                          on_step=on_stage)
     write_manifest(cfg, out, data)
@@ -298,7 +299,7 @@ def _student_runs(cfg: PipelineConfig, out: Path, offset: int, ranked: list[str]
     runs = {"scratch": base, "scratch_matched": matched_scratch(kd_best), "kd_best": kd_best,
             "kd_all": dataclasses.replace(base, kd=dataclasses.replace(cfg.kd, teachers=all_files))}
     suffix = f" (seed {recipe.seed})" if offset else ""
-    return [_run_one(train, runs[name], out / "students" / name, name + suffix, "student", data, on_stage, on_step,
+    return [_run_one(train, runs[name], rundir.student_run(out, name), name + suffix, "student", data, on_stage, on_step,
                      cache_dir=out / "teacher_cache")  # students share each teacher's outputs
             for name in cfg.students if name != "kd_all" or len(all_files) >= 2]
 
@@ -327,7 +328,7 @@ def _bench(b: BenchConfig, out: Path, data, teacher_files, on_stage, on_step):
     reference = ([f for _, f, _ in trained] or files or [None])[0]
     report = bench([*files, out], data=data, teacher=reference, threads=b.threads, batch=b.batch,
                    min_runs=b.min_runs, min_seconds=b.min_seconds, on_step=on_step)
-    write_bench_report(report, out / "bench")
+    write_bench_report(report, rundir.bench_dir(out))
     return report
 
 
@@ -335,8 +336,8 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
     """Seeds, library versions, config, data and calibration hashes, and every artifact's SHA-256."""
 
     artifacts = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*"))
-                 if p.is_file() and p.name != "manifest.json" and not any(part.startswith(".") for part in p.relative_to(out).parts)}
-    quant = out / "deploy" / "quantize.json"
+                 if p.is_file() and p != rundir.manifest_file(out) and not any(part.startswith(".") for part in p.relative_to(out).parts)}
+    quant = rundir.deploy_dir(out) / "quantize.json"
     calib = json.loads(quant.read_text())["calibration"]["sha256"] if quant.is_file() else None
     seeds = {"split_seed": cfg.data.split_seed, "student_seed": cfg.student_recipe.seed,
              **{f"teacher_{t.name}_seed": t.recipe.seed for t in cfg.teachers if not t.file}}
@@ -344,7 +345,7 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
                 "data": {"name": data.name, "fingerprint": data.fingerprint(), "classes": list(data.classes),
                          "train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
                 "calibration_sha256": calib, "environment": environment(), "artifacts": artifacts}
-    atomic_write_json(out / "manifest.json", manifest)
+    atomic_write_json(rundir.manifest_file(out), manifest)
     return manifest
 
 
@@ -355,7 +356,7 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
     if not students:
         return None
     best = max(students, key=lambda r: r.val_acc)
-    ckpt = Path(best.out_dir) / "best.pt"
+    ckpt = rundir.best(best.out_dir)
     stamp = {"checkpoint": str(ckpt), "mtime_ns": ckpt.stat().st_mtime_ns, **dataclasses.asdict(deploy)}
     stamp = json.loads(json.dumps(stamp))
     report = out / "quantize.json"
@@ -373,7 +374,7 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
 
 
 def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step, cache_dir=None) -> RunRow:
-    result_file, config_file = run_dir / "result.json", run_dir / "config.json"
+    result_file, config_file = rundir.result_file(run_dir), rundir.config_file(run_dir)
     # the same run, also when it was saved before a config field existed (edgekd.distill.same_config)
     same = config_file.is_file() and same_config(json.loads(config_file.read_text()), run_cfg)
     done = result_file.is_file() and same
@@ -384,7 +385,7 @@ def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step,
     else:
         if on_stage:
             on_stage(f"{role} {name}: training {run_cfg.model.arch}")
-        resume = (run_dir / "last.pt").is_file()
+        resume = rundir.last(run_dir).is_file()
         if resume and not same:
             raise EdgeKDError(f"{run_dir} holds a run with another config; remove it or use a new --out")
         res = train(run_cfg, run_dir, resume=resume, data=data, on_step=on_step, cache_dir=cache_dir).summary()

@@ -27,24 +27,11 @@ from edgekd.files import read_json, staged_output
 from edgekd.timing import time_calls
 from edgekd.data import ImageData
 from edgekd.errors import EdgeKDError
-from edgekd.export import (
-    Artifact,
-    Deployable,
-    TFLiteRunner,
-    _place,
-    check_onnx,
-    check_tflite,
-    deploy_net,
-    rgb,
-    model_input,
-    nhwc,
-    onnx_session,
-    onnx_to_tflite,
-    resolve_data,
-    run_onnx,
-    to_onnx,
-    check_samples,
-)
+from edgekd.convert import onnx_to_tflite, to_onnx
+from edgekd.deployable import Deployable, deploy_net, model_input, rgb
+from edgekd.export import Artifact, place_checked, check_onnx, check_samples, check_tflite, resolve_data
+from edgekd.runtime import count_tflite_ops, nhwc, onnx_session, run_onnx, TFLiteRunner, tflite_int8_mac_share
+import edgekd.rundir as rundir
 
 IO_TYPES = ("float32", "uint8", "int8")
 FILE_NAMES = {"onnx": ("model.onnx", "model_int8.onnx"), "tflite": ("model_fp32.tflite", "model_int8.tflite")}
@@ -77,7 +64,6 @@ def host_target() -> str | None:
     return "x86-vnni" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "x86"
 
 
-TFLITE_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
 
 
 @dataclass(frozen=True)
@@ -172,7 +158,7 @@ def quantize(
     checkpoint = checkpoint_for(Path(model))
     net_model, meta = load_model(checkpoint)
     data = resolve_data(checkpoint, data)
-    out = Path(out_dir) if out_dir else checkpoint.parent / "export"
+    out = Path(out_dir) if out_dir else rundir.export_dir(checkpoint)
     calib = calibration_sample(data, calib_size)
     net, how = deploy_net(net_model, meta)
     meta = {**meta, "normalization": how}
@@ -187,8 +173,8 @@ def quantize(
         for m in models:
             status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
             fp32_name, int8_name = FILE_NAMES[m.format]
-            fp32 = _place(m.fp32, out / fp32_name, meta, checkpoint, journal)
-            int8 = _place(m.int8, out / int8_name, meta, checkpoint, journal, status, {"quantization_choice": m.choice})
+            fp32 = place_checked(m.fp32, out / fp32_name, meta, checkpoint, journal)
+            int8 = place_checked(m.int8, out / int8_name, meta, checkpoint, journal, status, {"quantization_choice": m.choice})
             placed.append(dataclasses.replace(m, fp32=fp32, int8=int8))
         result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint)
         summary = json.dumps(result_dict(result), indent=2) + "\n"
@@ -249,8 +235,8 @@ def checkpoint_for(model: Path) -> Path:
     if model.suffix == ".tflite":
         raise EdgeKDError("a .tflite file cannot be re-quantized; give the edgekd checkpoint (or its .onnx) instead")
     if model.is_dir():
-        if (model / "best.pt").is_file():
-            return model / "best.pt"
+        if rundir.is_training_run(model):
+            return rundir.best(model)
         raise EdgeKDError(f"{model} holds no best.pt; give a checkpoint or a run directory")
     return model
 
@@ -458,54 +444,6 @@ def _quantize_tflite(onnx_fp32, tmp, inputs: _Inputs, io, target):
               "why": "float32 I/O loads in MediaPipe and the TFLite Task Library, which refuse int8 input tensors"
               if io == "float32" else f"{io} input and output tensors were asked for"}
     return QuantizedModel("tflite", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice, share)
-
-
-def count_tflite_ops(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
-    """Compute ops whose input tensor is int8 vs. those computing in float."""
-    runner = path_or_runner if isinstance(path_or_runner, TFLiteRunner) else TFLiteRunner(path_or_runner)
-    tensors = {t["index"]: t for t in runner.interp.get_tensor_details()}
-    quantized = floats = 0
-    for op in runner.interp._get_ops_details():  # LiteRT's op listing (no public equivalent)
-        if op["op_name"] not in TFLITE_COMPUTE:
-            continue
-        dtype = tensors[op["inputs"][0]]["dtype"]
-        if dtype in (np.int8, np.uint8, np.int16):
-            quantized += 1
-        else:
-            floats += 1
-    return quantized, floats
-
-
-def tflite_int8_mac_share(path_or_runner: Path | TFLiteRunner) -> float:
-    """Share of the compute operators' multiply-accumulates that LiteRT runs on integer tensors."""
-    int8_macs, total = tflite_macs(path_or_runner)
-    return int8_macs / total if total else 0.0
-
-
-def tflite_macs(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
-    """(MACs on integer tensors, all MACs) of the compute operators the loaded interpreter holds (after its
-    default XNNPACK delegation), each weighed as output elements x reduction size (kernel area x input
-    channels; kernel area for depthwise)."""
-    runner = path_or_runner if isinstance(path_or_runner, TFLiteRunner) else TFLiteRunner(path_or_runner)
-    tensors = {t["index"]: t for t in runner.interp.get_tensor_details()}
-    int8_macs = total = 0
-    for op in runner.interp._get_ops_details():  # LiteRT's op listing (no public equivalent)
-        name = op["op_name"]
-        if name not in TFLITE_COMPUTE:
-            continue
-        activation = tensors[op["inputs"][2 if name == "TRANSPOSE_CONV" else 0]]
-        weights = [int(v) for v in tensors[op["inputs"][1]]["shape"]]
-        out = int(np.prod(tensors[op["outputs"][0]]["shape"]))
-        if name == "TRANSPOSE_CONV":  # every input element meets every kernel tap of every output channel
-            macs = int(np.prod(activation["shape"])) * int(np.prod(weights[:3]))
-        elif name == "DEPTHWISE_CONV_2D":
-            macs = out * weights[1] * weights[2]
-        else:  # CONV_2D (O, kh, kw, I) and FULLY_CONNECTED (O, I)
-            macs = out * int(np.prod(weights[1:]))
-        total += macs
-        if activation["dtype"] in (np.int8, np.uint8, np.int16):
-            int8_macs += macs
-    return int8_macs, total
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:

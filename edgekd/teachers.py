@@ -18,7 +18,9 @@ from edgekd.errors import EdgeKDError
 from edgekd.native import quiet_native_logs
 from edgekd.registry import Registry
 from edgekd.zoo import fit_input
-from edgekd.export import Deployable, onnx_session, TFLiteRunner, to_onnx
+from edgekd.convert import to_onnx
+from edgekd.deployable import Deployable
+from edgekd.runtime import onnx_session, TFLiteRunner
 
 TEACHER_LOADERS: Registry[Callable[..., "Teacher"]] = Registry("teacher format")
 

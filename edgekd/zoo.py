@@ -421,3 +421,16 @@ def pool_before_activation(model: nn.Module) -> nn.Module:
     view = copy.copy(model)  # a new module object; parameters and buffers are the same tensors
     view._modules = dict(children)
     return view
+
+
+def model_cost(model, channels: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Parameters and multiply-accumulates for one image (torch's FLOP counter, FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    with counter, torch.no_grad():
+        model(torch.zeros(1, channels, *size))
+    model.train(was_training)
+    return count_params(model), int(counter.get_total_flops() // 2)

@@ -61,13 +61,13 @@ def test_int8_is_really_int8_and_accurate(quantized):
     assert _max_int8_weight(by_format["onnx"].int8.path) == 127
     # LiteRT's side of the proof: every multiply-accumulate on int8 tensors, none in the fp32 file, and the
     # MACs it weighs by are the ones torch counts for the checkpoint
-    from edgekd.bench import model_cost
+    from edgekd.zoo import model_cost
     from edgekd.checkpoint import load_model
-    from edgekd.quantize import tflite_macs
+    from edgekd.runtime import tflite_macs
 
     lite = by_format["tflite"]
     assert lite.int8_mac_share == 1.0 and tflite_macs(lite.fp32.path)[0] == 0
-    from edgekd.export import deploy_net
+    from edgekd.deployable import deploy_net
 
     model, meta = load_model(quantized.checkpoint)
     net, _ = deploy_net(model, meta)  # what was exported: RGB input, the luma conversion folded into the first conv
@@ -85,7 +85,7 @@ def test_calibration_sample_is_stratified_and_reproducible():
 
 
 def test_integer_io_records_scale_and_zero_point(digits_model, tmp_path):
-    from edgekd.export import TFLiteRunner
+    from edgekd.runtime import TFLiteRunner
     from edgekd.quantize import quantize
 
     res = quantize(digits_model, formats=("tflite",), calib_size=60, io="uint8", out_dir=tmp_path)
@@ -195,7 +195,7 @@ def test_json_stdout_stays_clean_through_the_converter(digits_model, tmp_path):
 @pytest.mark.parametrize("arch,channels", [("resnet8", 3), ("resnet8", 1), ("seed002_student", 3)])
 def test_folded_normalization_matches_the_unfolded_model(arch, channels):
     """Per-channel mean/std (and gray -> RGB luma) folded into the first conv, exact up to float rounding."""
-    from edgekd.export import Deployable, FoldedConv, deploy_net, rgb
+    from edgekd.deployable import Deployable, FoldedConv, deploy_net, rgb
     from edgekd.zoo import build_model
 
     torch.manual_seed(0)
@@ -214,7 +214,7 @@ def test_folded_normalization_matches_the_unfolded_model(arch, channels):
 
 
 def test_tflite_files_have_batch_one_and_rgb_input(quantized):
-    from edgekd.export import TFLiteRunner
+    from edgekd.runtime import TFLiteRunner
 
     for m in quantized.models:
         if m.format == "tflite":
@@ -228,7 +228,7 @@ def test_runtime_proof_counts_the_macs_onnxruntime_ran_in_int8(tmp_path):
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from edgekd.export import to_onnx
+    from edgekd.convert import to_onnx
     from edgekd.quantize import onnx_int8_mac_share
 
     class Reader(CalibrationDataReader):

@@ -42,7 +42,8 @@ def _one_line_error(result, message: str) -> None:
 
 def _tiny_onnx(path: Path, size: int = 8) -> Path:
     """An untrained 1-channel, 10-class ONNX classifier (digits' shape, any input size), no sidecar."""
-    from edgekd.export import Deployable, to_onnx
+    from edgekd.deployable import Deployable
+    from edgekd.convert import to_onnx
     from edgekd.zoo import build_model
 
     torch.manual_seed(0)
@@ -260,7 +261,7 @@ class _FirstConv(nn.Module):
 
 
 def _fold(padding: int, mean: list[float]):
-    from edgekd.export import Deployable, FoldedConv, deploy_net
+    from edgekd.deployable import Deployable, FoldedConv, deploy_net
 
     torch.manual_seed(0)
     model = _FirstConv(padding).eval()
@@ -276,7 +277,7 @@ def _fold(padding: int, mean: list[float]):
 def _initializer_shapes(net, tmp_path: Path, name: str) -> list[list[int]]:
     import onnx
 
-    from edgekd.export import to_onnx
+    from edgekd.convert import to_onnx
 
     path = to_onnx(net, torch.rand(1, 3, 16, 16), tmp_path / name)
     return [list(t.dims) for t in onnx.load(str(path)).graph.initializer]
@@ -387,7 +388,7 @@ def test_quantize_full_disk_leaves_nothing(digits_model, tmp_path, monkeypatch):
 
 def test_failure_while_placing_restores_every_file(tmp_path, monkeypatch):
     """The journal behind export/quantize: a failure after some files were placed undoes them all."""
-    from edgekd.export import staged_output
+    from edgekd.files import staged_output
 
     out = tmp_path / "out"
     out.mkdir()

@@ -25,7 +25,7 @@ def _classify_with_mediapipe(model, images_u8):
 
 
 def _check_bundle(out, classes):
-    from edgekd.export import TFLiteRunner
+    from edgekd.runtime import TFLiteRunner
     from edgekd.package import read_metadata
 
     files = {p.name for p in out.iterdir()}
@@ -55,7 +55,7 @@ def _check_bundle(out, classes):
 
 def test_package_digits_int8_bundle_runs_in_mediapipe(quantized, tmp_path):
     from edgekd.data import load_data
-    from edgekd.export import TFLiteRunner, nhwc_array
+    from edgekd.runtime import TFLiteRunner, nhwc_array
     from edgekd.package import package
 
     int8 = next(m.int8.path for m in quantized.models if m.format == "tflite")
@@ -109,7 +109,9 @@ def test_package_errors(teacher_run, quantized, tmp_path):
 def test_package_refuses_batch_other_than_one(tmp_path):
     import torch
 
-    from edgekd.export import Deployable, onnx_to_tflite, to_onnx
+    from edgekd.deployable import Deployable
+
+    from edgekd.convert import onnx_to_tflite, to_onnx
     from edgekd.package import describe_tflite
     from edgekd.zoo import build_model
 

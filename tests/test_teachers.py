@@ -145,7 +145,7 @@ def test_class_mismatch_is_an_error_before_training(teacher_run, synth):
 def test_cpu_teacher_runs_through_onnxruntime_and_matches_eager(teacher_run):
     """edgekd teachers on the CPU run via onnxruntime (faster cache); outputs equal PyTorch's."""
     from edgekd.checkpoint import load_model
-    from edgekd.export import Deployable
+    from edgekd.deployable import Deployable
     from edgekd.teachers import load_teacher
 
     path = Path(teacher_run.out_dir) / "best.pt"

@@ -1,0 +1,97 @@
+"""The converters: PyTorch -> ONNX (torch.onnx) -> TFLite (onnx2tf), offline.
+
+ONNX keeps PyTorch's NCHW layout with a dynamic batch; TFLite takes NHWC with batch 1, the
+mobile convention (onnx2tf does the transposition). The checks that each file agrees with
+PyTorch are export's; this module only converts.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgekd.errors import EdgeKDError, first_line
+from edgekd.native import captured_output, quiet_native_logs
+
+ONNX_OPSET = 17
+
+
+def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = True) -> Path:
+    """TorchScript-based export (dynamo=False): named input/output, dynamic or fixed batch 1, checker-clean."""
+    try:
+        import onnx
+    except ImportError:
+        raise EdgeKDError("ONNX export needs onnx and onnxruntime: pip install 'edgekd[onnx]'") from None
+    try:
+        torch.onnx.export(net, x[:1], str(path), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+                          opset_version=ONNX_OPSET,
+                          dynamo=False)
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
+        raise EdgeKDError(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
+    return path
+
+
+def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None = None,
+                   io_dtype: str = "int8") -> dict[str, Path]:
+    """Convert with onnx2tf; with ``calibration`` (NHWC, [0, 1]) also write the int8 variants."""
+    try:
+        with quiet_native_logs():
+            import onnx2tf
+    except ImportError:
+        raise EdgeKDError("TFLite conversion needs onnx2tf, tf_keras and TensorFlow: pip install 'edgekd[tf]'") from None
+    onnx_path, folder = Path(onnx_path).resolve(), Path(folder).resolve()  # onnx2tf runs in its own cwd
+    kwargs = {}
+    if calibration is not None:
+        npy = folder.parent / "calibration.npy"
+        np.save(npy, calibration.astype(np.float32))
+        c = calibration.shape[-1]
+        # Calibration pixels are already the model's [0, 1] input: onnx2tf must not renormalize them.
+        kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
+                      custom_input_op_name_np_data_path=[["input", str(npy), np.zeros((1, 1, 1, c)), np.ones((1, 1, 1, c))]],
+                      input_quant_dtype=io_dtype, output_quant_dtype=io_dtype)
+    log = folder.parent / "onnx2tf.log"
+    try:
+        with captured_output(log), _offline_sample_data(folder.parent / "onnx2tf-cwd"):
+            onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(folder), non_verbose=True,
+                            copy_onnx_input_output_names_to_tflite=True, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        reason = first_line(exc)
+        errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln][-1:]
+        raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {(errors or [reason])[0].strip()}") from None
+    stem = onnx_path.stem
+    files = {kind: folder / f"{stem}_{kind}.tflite"
+             for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
+    return {k: v for k, v in files.items() if v.is_file()}
+
+
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+@contextmanager
+def _offline_sample_data(workdir: Path):
+    """Run onnx2tf in a folder holding its sample-image file, so it never downloads it.
+
+    For static 3-channel image inputs (our batch-1 TFLite files), onnx2tf fetches 20 sample images
+    from GitHub for its internal dummy-inference checks, and fails without a network. It looks
+    for the file in the working directory first; seeded uniform pixels of the same shape serve
+    those checks (calibration uses our own images, passed explicitly).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    sample = workdir / ONNX2TF_SAMPLE
+    if not sample.is_file():
+        np.save(sample, np.random.default_rng(0).random((20, 128, 128, 3), dtype=np.float32))
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        yield
+    finally:
+        os.chdir(previous)

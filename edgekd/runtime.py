@@ -1,0 +1,318 @@
+"""The one way edgekd loads and runs a model file: PyTorch checkpoints, ONNX and TFLite.
+
+``load_runtime`` gives every format the same small interface (``Loaded``: predict on NCHW [0, 1]
+batches, a timed single-image call, what the file is); export's parity checks, quantize's proofs,
+bench and package all run files through it. TorchScript, Keras and ONNX teachers go through
+``edgekd.teachers``, which uses the ONNX session below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgekd.checkpoint import load_model
+from edgekd.deployable import Deployable
+from edgekd.errors import EdgeKDError, first_line
+from edgekd.files import read_json
+from edgekd.native import quiet_native_logs
+from edgekd.registry import Registry
+from edgekd.zoo import model_cost
+
+RUNTIMES: Registry[Callable[..., "Loaded"]] = Registry("model format")
+SUFFIX_FORMAT = {".pt": "pytorch", ".pth": "pytorch", ".onnx": "onnx", ".tflite": "tflite"}
+# The operators whose multiply-accumulates decide whether a TFLite model computes in int8.
+TFLITE_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
+
+
+def onnx_session(path: Path, threads: int = 1):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise EdgeKDError("running ONNX models needs onnxruntime: pip install 'edgekd[onnx]'") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Idle intra-op threads that spin steal the other core of a small machine and stretch the latency tail; never spin.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+        reason = first_line(exc).split(" : ")[-1]
+        raise EdgeKDError(f"onnxruntime could not load {Path(path).name} ({reason}); export it again if it is "
+                          "truncated or damaged, or update onnxruntime if it names an unsupported operator") from None
+
+
+def run_onnx(path_or_session, x_nchw: np.ndarray, batch: int = 256) -> np.ndarray:
+    sess = onnx_session(path_or_session) if isinstance(path_or_session, (str, Path)) else path_or_session
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x_nchw[i:i + batch]})[0] for i in range(0, len(x_nchw), batch)])
+
+
+class TFLiteRunner:
+    """Runs a .tflite file one image at a time, quantizing/dequantizing integer I/O."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            raise EdgeKDError("running TFLite models needs LiteRT: pip install 'edgekd[tf]'") from None
+        try:
+            with quiet_native_logs():
+                self.interp = Interpreter(model_path=str(path), num_threads=threads)
+                self.interp.allocate_tensors()
+        except Exception as exc:  # noqa: BLE001
+            raise EdgeKDError(f"LiteRT could not load {path}: {str(exc).splitlines()[0]}") from None
+        self.inp = self.interp.get_input_details()[0]
+        self.out = self.interp.get_output_details()[0]
+
+    @property
+    def input_dtype(self) -> str:
+        return np.dtype(self.inp["dtype"]).name
+
+    def quantization(self) -> dict:
+        return {"input": _qparams(self.inp), "output": _qparams(self.out)}
+
+    def set_input(self, x_nhwc: np.ndarray) -> None:
+        arr = x_nhwc
+        if self.inp["dtype"] != np.float32:
+            scale, zero = self.inp["quantization"]
+            info = np.iinfo(self.inp["dtype"])
+            arr = np.clip(np.round(arr / scale + zero), info.min, info.max).astype(self.inp["dtype"])
+        self.interp.set_tensor(self.inp["index"], arr)
+
+    def get_output(self) -> np.ndarray:
+        res = self.interp.get_tensor(self.out["index"])
+        if self.out["dtype"] != np.float32:
+            scale, zero = self.out["quantization"]
+            return (res.astype(np.float32) - zero) * scale
+        return res
+
+    def __call__(self, x_nhwc: np.ndarray) -> np.ndarray:
+        outs = []
+        for i in range(len(x_nhwc)):
+            self.set_input(x_nhwc[i:i + 1])
+            self.interp.invoke()
+            outs.append(self.get_output().copy())
+        return np.concatenate(outs)
+
+
+def _qparams(detail: dict) -> dict | None:
+    scale, zero = detail["quantization"]
+    return None if detail["dtype"] == np.float32 else {"dtype": np.dtype(detail["dtype"]).name, "scale": float(scale), "zero_point": int(zero)}
+
+
+def nhwc(x) -> np.ndarray:
+    """A (B, C, H, W) torch tensor as a contiguous (B, H, W, C) array."""
+    return nhwc_array(x.numpy())
+
+
+def nhwc_array(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (B, C, H, W) -> (B, H, W, C)
+
+
+def count_tflite_ops(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
+    """Compute ops whose input tensor is int8 vs. those computing in float."""
+    runner = path_or_runner if isinstance(path_or_runner, TFLiteRunner) else TFLiteRunner(path_or_runner)
+    tensors = {t["index"]: t for t in runner.interp.get_tensor_details()}
+    quantized = floats = 0
+    for op in runner.interp._get_ops_details():  # LiteRT's op listing (no public equivalent)
+        if op["op_name"] not in TFLITE_COMPUTE:
+            continue
+        dtype = tensors[op["inputs"][0]]["dtype"]
+        if dtype in (np.int8, np.uint8, np.int16):
+            quantized += 1
+        else:
+            floats += 1
+    return quantized, floats
+
+
+def tflite_int8_mac_share(path_or_runner: Path | TFLiteRunner) -> float:
+    """Share of the compute operators' multiply-accumulates that LiteRT runs on integer tensors."""
+    int8_macs, total = tflite_macs(path_or_runner)
+    return int8_macs / total if total else 0.0
+
+
+def tflite_macs(path_or_runner: Path | TFLiteRunner) -> tuple[int, int]:
+    """(MACs on integer tensors, all MACs) of the compute operators the loaded interpreter holds (after its
+    default XNNPACK delegation), each weighed as output elements x reduction size (kernel area x input
+    channels; kernel area for depthwise)."""
+    runner = path_or_runner if isinstance(path_or_runner, TFLiteRunner) else TFLiteRunner(path_or_runner)
+    tensors = {t["index"]: t for t in runner.interp.get_tensor_details()}
+    int8_macs = total = 0
+    for op in runner.interp._get_ops_details():  # LiteRT's op listing (no public equivalent)
+        name = op["op_name"]
+        if name not in TFLITE_COMPUTE:
+            continue
+        activation = tensors[op["inputs"][2 if name == "TRANSPOSE_CONV" else 0]]
+        weights = [int(v) for v in tensors[op["inputs"][1]]["shape"]]
+        out = int(np.prod(tensors[op["outputs"][0]]["shape"]))
+        if name == "TRANSPOSE_CONV":  # every input element meets every kernel tap of every output channel
+            macs = int(np.prod(activation["shape"])) * int(np.prod(weights[:3]))
+        elif name == "DEPTHWISE_CONV_2D":
+            macs = out * weights[1] * weights[2]
+        else:  # CONV_2D (O, kh, kw, I) and FULLY_CONNECTED (O, I)
+            macs = out * int(np.prod(weights[1:]))
+        total += macs
+        if activation["dtype"] in (np.int8, np.uint8, np.int16):
+            int8_macs += macs
+    return int8_macs, total
+
+
+@dataclass
+class Loaded:
+    """A model ready to run: ``predict`` on NCHW [0, 1] float32 batches, plus what it is."""
+
+    format: str
+    runtime: str
+    precision: str
+    channels: int
+    input_size: tuple[int, int]
+    classes: tuple[str, ...] | None  # None when the file does not say
+    predict: Callable[[np.ndarray], np.ndarray]  # (B, C, H, W) -> (B, K) scores
+    single: Callable[[np.ndarray], Callable[[], object]]  # (1, C, H, W) -> a zero-argument timed call
+    batched: Callable[[np.ndarray], Callable[[], object]]  # (B, C, H, W) -> a zero-argument timed call
+    source: Path | None = None  # the edgekd checkpoint a file was exported from
+    params: int | None = None
+    macs: int | None = None
+
+
+def latency_fn(path: str | Path, x_nchw: np.ndarray, threads: int = 1) -> Callable[[], object]:
+    """A zero-argument call running one image through the file's runtime (.pt, .onnx, .tflite)."""
+    path = Path(path)
+    return load_runtime(path, threads).single(x_nchw)
+
+
+def load_runtime(path: Path, threads: int = 1) -> Loaded:
+    fmt = SUFFIX_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise EdgeKDError(f"unknown model format {path.suffix or path.name!r}: give an edgekd checkpoint (.pt), "
+                          "an .onnx or a .tflite file, or a run directory")
+    if not path.is_file():
+        raise EdgeKDError(f"model not found: {path}")
+    return RUNTIMES.get(fmt)(path, threads)
+
+
+@RUNTIMES.register("pytorch")
+def _load_pytorch(path: Path, threads: int) -> Loaded:
+    import torch
+
+
+    torch.set_num_threads(threads)
+    model, meta = load_model(path)
+    net = Deployable(model, meta["mean"], meta["std"]).eval()
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([net(torch.from_numpy(x[i:i + 256])).numpy() for i in range(0, len(x), 256)])
+
+    def call(x: np.ndarray):
+        xt = torch.from_numpy(x)
+
+        def forward():
+            with torch.inference_mode():
+                return net(xt)
+
+        return forward
+
+    params, macs = model_cost(model, int(meta["in_channels"]), tuple(meta["input_size"]))
+    return Loaded("pytorch", f"torch {torch.__version__}", "fp32", int(meta["in_channels"]), tuple(meta["input_size"]),
+                  tuple(meta["classes"]), predict, call, call, path, params, macs)
+
+
+@RUNTIMES.register("onnx")
+def _load_onnx(path: Path, threads: int) -> Loaded:
+    import onnxruntime as ort
+
+
+    sess = onnx_session(path, threads)
+    inp = sess.get_inputs()[0]
+    if len(inp.shape) != 4 or not all(isinstance(d, int) for d in inp.shape[1:]):
+        raise EdgeKDError(f"{path.name}: input shape {inp.shape} is not (batch, channels, height, width)")
+    name = inp.name
+    side = read_sidecar(path)
+
+    def call(x: np.ndarray):
+        return lambda: sess.run(None, {name: x})
+
+    precision = "int8" if any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in _onnx_nodes(path)) else "fp32"
+    return Loaded("onnx", f"onnxruntime {ort.__version__}", precision, int(inp.shape[1]), (int(inp.shape[2]), int(inp.shape[3])),
+                  _classes(side), lambda x: run_onnx(sess, x), call, call, source_checkpoint(path, side))
+
+
+def _onnx_nodes(path: Path):
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False).graph.node
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: a damaged file
+        raise EdgeKDError(f"onnx could not parse {path.name} ({first_line(exc)}); export it again") from None
+
+
+@RUNTIMES.register("tflite")
+def _load_tflite(path: Path, threads: int) -> Loaded:
+
+    runner = TFLiteRunner(path, threads)
+    shape = runner.inp["shape"]  # (1, H, W, C)
+    if len(shape) != 4:
+        raise EdgeKDError(f"{path.name}: input shape {list(shape)} is not (batch, height, width, channels)")
+    side = read_sidecar(path)
+    precision = "int8" if _tflite_is_int8(runner) else ("fp16" if "fp16" in path.stem else "fp32")
+
+    def call(x: np.ndarray):
+        return _invoke(runner, nhwc_array(x))
+
+    def batched(x: np.ndarray):
+        # A second interpreter resized to the batch; files with a fixed batch of 1 loop instead.
+        try:
+            big = TFLiteRunner(path, threads)
+            big.interp.resize_tensor_input(big.inp["index"], [len(x), *shape[1:]])
+            big.interp.allocate_tensors()
+            big.inp = big.interp.get_input_details()[0]
+            big.out = big.interp.get_output_details()[0]
+        except Exception:  # noqa: BLE001 - not resizable: fall back to one image at a time
+            return lambda: runner(nhwc_array(x))
+        return _invoke(big, nhwc_array(x))
+
+    from importlib.metadata import version
+
+    return Loaded("tflite", f"litert {version('ai-edge-litert')}", precision, int(shape[3]), (int(shape[1]), int(shape[2])),
+                  _classes(side), lambda x: runner(nhwc_array(x)), call, batched, source_checkpoint(path, side))
+
+
+def _invoke(runner, x_nhwc: np.ndarray) -> Callable[[], np.ndarray]:
+    """One timed LiteRT call on a prepared input: set, invoke, read (what an app does per frame)."""
+
+    def invoke():
+        runner.set_input(x_nhwc)
+        runner.interp.invoke()
+        return runner.get_output()
+
+    return invoke
+
+
+def _tflite_is_int8(runner) -> bool:
+
+    return count_tflite_ops(runner)[0] > 0
+
+
+def read_sidecar(path: Path) -> dict:
+    """The ``.json`` beside an exported file (what export and quantize recorded), or {}."""
+    return read_json(path.with_name(path.name + ".json"))
+
+
+def _classes(side: dict) -> tuple[str, ...] | None:
+    classes = side.get("preprocessing", {}).get("classes")
+    return tuple(classes) if classes else None
+
+
+def source_checkpoint(path: Path, side: dict) -> Path | None:
+    """The edgekd checkpoint the file was exported from, when its sidecar names one that exists."""
+    src = side.get("source_checkpoint")
+    if not src:
+        return None
+    full = (path.parent / src).resolve()
+    return full if full.is_file() else None
