@@ -7,8 +7,10 @@ PyTorch are export's; this module only converts.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from contextlib import contextmanager
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +24,43 @@ ONNX_OPSET = 17
 
 
 def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = True) -> Path:
-    """TorchScript-based export (dynamo=False): named input/output, dynamic or fixed batch 1, checker-clean."""
+    """Named input/output, dynamic or fixed batch 1, one self-contained checker-clean file.
+
+    The TorchScript-based exporter first: the torch.export-based one gave the same logits but took
+    5-20x longer per export, moved ResNets and MobileNets to opset 18 and needs onnxscript
+    (benchmarks/results/onnx_exporters.md), and edgekd exports up to four files per quantization.
+    PyTorch flags the TorchScript exporter as deprecated; that choice is deliberate, so its warning
+    is not passed on. Where the TorchScript exporter fails (or is gone) and onnxscript is installed,
+    the torch.export-based exporter is tried.
+    """
     try:
         import onnx
     except ImportError:
         raise EdgeKDError("ONNX export needs onnx and onnxruntime: pip install 'edgekd[onnx]'") from None
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     try:
-        torch.onnx.export(net, x[:1], str(path), input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
-                          opset_version=ONNX_OPSET,
-                          dynamo=False)
+        _export(net, x, path, axes, dynamo=False)
         onnx.checker.check_model(str(path), full_check=True)
+        return path
     except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
-        raise EdgeKDError(f"ONNX export failed: {str(exc).splitlines()[0]}") from None
+        reason = first_line(exc)
+    if importlib.util.find_spec("onnxscript") is None:
+        raise EdgeKDError(f"ONNX export failed: {reason}")
+    try:
+        _export(net, x, path, axes, dynamo=True)
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise EdgeKDError(f"ONNX export failed: {reason}; the torch.export-based exporter too: {first_line(exc)}") from None
     return path
+
+
+def _export(net: nn.Module, x: torch.Tensor, path: Path, axes, dynamo: bool) -> None:
+    extra = {"external_data": False, "verbose": False} if dynamo else {}  # weights inside the .onnx file
+    with warnings.catch_warnings(), captured_output(path.with_suffix(".export.log")) if dynamo else nullcontext():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        torch.onnx.export(net, (x[:1],), str(path), input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+                          opset_version=ONNX_OPSET, dynamo=dynamo, **extra)
 
 
 def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None = None,

@@ -47,11 +47,14 @@ class DeployConfig:
     # the run exits 2 (the files stay, marked failed). A 1-point budget is what phone apps usually accept.
     max_drop: float | None = 1.0
     target: str = "arm"  # the CPU the int8 files will run on (edgekd.quantize.TARGETS): sets the ONNX weight range
+    # When post-training int8 misses max_drop: quantize again after this many epochs of quantization-aware
+    # fine-tuning (edgekd.qat), taught by the run's best teacher; 0 never fine-tunes.
+    qat_epochs: int = 3
 
     def __post_init__(self) -> None:
         check_fields(self, {"formats": ("each", ("choice", ("onnx", "tflite"))), "calib_size": ("min", 1),
                             "io": ("choice", ("float32", "uint8", "int8")), "max_drop": ("min", 0.0),
-                            "target": ("choice", tuple(TARGETS))})
+                            "target": ("choice", tuple(TARGETS)), "qat_epochs": ("min", 0)})
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
     rows += by_seed[0]
     gains = kd_gains(by_seed)
 
-    deployed = _deploy(cfg.deploy, rows, data, rundir.deploy_dir(out), on_stage) if cfg.deploy.quantize else None
+    deployed = (_deploy(cfg.deploy, rows, data, rundir.deploy_dir(out), ranked[0] if ranked else None, on_stage)
+                if cfg.deploy.quantize else None)
     atomic_write_json(rundir.summary_file(out), {"models": [r.__dict__ for r in rows], "kd_gain_over_matched_scratch": gains,
                                              "deployed": deployed})
     report = _bench(cfg.bench, out, data, teacher_files, on_stage, on_step) if cfg.bench.enabled else None
@@ -349,8 +353,9 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
     return manifest
 
 
-def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage) -> dict | None:
-    """int8 ONNX/TFLite of the student with the best validation accuracy (skipped when up to date)."""
+def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, teacher: str | None, on_stage) -> dict | None:
+    """int8 ONNX/TFLite of the student with the best validation accuracy (skipped when up to date); when
+    post-training int8 misses the gate, again after quantization-aware fine-tuning taught by ``teacher``."""
 
     students = [r for r in rows if r.role == "student"]
     if not students:
@@ -363,14 +368,24 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, on_stage)
     if report.is_file() and (out / "stamp.json").is_file() and json.loads((out / "stamp.json").read_text()) == stamp:
         if on_stage:
             on_stage(f"deploy {best.name}: done before, skipped")
-        return {"student": best.name, **json.loads(report.read_text())}
+        post_training = json.loads((out / "post_training.json").read_text()) if (out / "post_training.json").is_file() else None
+        return {"student": best.name, **json.loads(report.read_text()), "post_training": post_training}
     if on_stage:
         on_stage(f"deploy {best.name}: export and int8 quantization ({', '.join(deploy.formats)})")
-    result = quantize(ckpt, data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
-                      max_drop=deploy.max_drop, target=deploy.target, out_dir=out)
-
+    settings = dict(data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
+                    max_drop=deploy.max_drop, target=deploy.target, out_dir=out)
+    result = quantize(ckpt, **settings)
+    post_training = None
+    if not result.passed and deploy.qat_epochs:
+        post_training = result_dict(result)
+        if on_stage:
+            worst = max(result.models, key=lambda m: m.drop_pts)
+            on_stage(f"deploy {best.name}: post-training int8 {worst.format} lost {worst.drop_pts:.2f} points; "
+                     f"quantization-aware fine-tuning, {deploy.qat_epochs} epochs")
+        result = quantize(ckpt, qat_epochs=deploy.qat_epochs, teacher=teacher, **settings)
+    atomic_write_json(out / "post_training.json", post_training)  # the gate's first verdict when QAT followed, else null
     atomic_write_json(out / "stamp.json", stamp)
-    return {"student": best.name, **result_dict(result)}
+    return {"student": best.name, **result_dict(result), "post_training": post_training}
 
 
 def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step, cache_dir=None) -> RunRow:

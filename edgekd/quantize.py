@@ -9,6 +9,7 @@ split through their own runtimes, next to their fp32 counterparts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgekd.checkpoint import load_model
+from edgekd.checkpoint import load_model, save_checkpoint
 from edgekd.files import read_json, staged_output
 from edgekd.timing import time_calls
 from edgekd.data import ImageData
@@ -31,9 +32,13 @@ from edgekd.convert import onnx_to_tflite, to_onnx
 from edgekd.deployable import Deployable, deploy_net, model_input, rgb
 from edgekd.export import Artifact, place_checked, check_onnx, check_samples, check_tflite, resolve_data
 from edgekd.runtime import count_tflite_ops, nhwc, onnx_session, run_onnx, TFLiteRunner, tflite_int8_mac_share
+import edgekd.qat as qat
 import edgekd.rundir as rundir
+from edgekd.teachers import load_teacher
+from edgekd.zoo import fit_input
 
 IO_TYPES = ("float32", "uint8", "int8")
+QAT_CHECKPOINT = "model_qat.pt"  # the QAT-fine-tuned float checkpoint the int8 files were made from
 FILE_NAMES = {"onnx": ("model.onnx", "model_int8.onnx"), "tflite": ("model_fp32.tflite", "model_int8.tflite")}
 QUANTIZED_COMPUTE = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
 # Where the int8 file will run decides its weight range, not the machine that quantizes it. x86 CPUs
@@ -98,6 +103,7 @@ class QuantizeResult:
     models: tuple[QuantizedModel, ...]
     max_drop: float | None
     checkpoint: Path | None = None  # the edgekd checkpoint that was quantized
+    qat: dict | None = None  # edgekd.qat.QATReport.to_dict() when the int8 files come from QAT fine-tuning
 
     @property
     def passed(self) -> bool:
@@ -134,10 +140,17 @@ def quantize(
     activation_type: str = "auto",
     max_drop: float | None = None,
     target: str = "arm",
+    qat_epochs: int = 0,
+    teacher: str | Path | None = None,
     out_dir: str | Path | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
     """Quantize an edgekd checkpoint (or the ``.onnx`` exported from one) to int8 and verify it.
+
+    With ``qat_epochs`` the int8 files come from a copy fine-tuned that many epochs with fake
+    quantization (``edgekd.qat``), taught by ``teacher`` (default: the run's own teacher when its
+    file exists, else the float model itself); the fp32 files, and the drop, stay the original's.
+    The fine-tuned checkpoint is kept beside the files as ``model_qat.pt``.
 
     The files are kept even when the accuracy drop exceeds ``max_drop``; their sidecars then
     say ``"status": "failed"`` and ``QuantizeResult.passed`` is False. ``target`` is the CPU the
@@ -167,8 +180,13 @@ def quantize(
         reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()
     inputs = _Inputs(rgb(check_x), reference, rgb(model_input(meta, data.train_x[list(calib.indices)])),
                      rgb(model_input(meta, data.test_x)), data.test_y.numpy())
+    qat_model, qat_report = _fine_tune(net_model, meta, checkpoint, data, qat_epochs, teacher, on_step)
+    int8_net = deploy_net(qat_model, meta)[0] if qat_model is not None else net
     with staged_output(out, "quantize") as (tmp, journal):
-        models = _quantize_formats(net, inputs, tmp, formats, activation_type, io, target, on_step)
+        models = _quantize_formats(net, int8_net, inputs, tmp, formats, activation_type, io, target, on_step)
+        if qat_model is not None:
+            models = [dataclasses.replace(m, choice={**m.choice, "qat": qat_report}) for m in models]
+            journal.put(out / QAT_CHECKPOINT, lambda t: save_checkpoint(t, qat_model, meta, qat=qat_report))
         placed = []
         for m in models:
             status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
@@ -176,7 +194,7 @@ def quantize(
             fp32 = place_checked(m.fp32, out / fp32_name, meta, checkpoint, journal)
             int8 = place_checked(m.int8, out / int8_name, meta, checkpoint, journal, status, {"quantization_choice": m.choice})
             placed.append(dataclasses.replace(m, fp32=fp32, int8=int8))
-        result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint)
+        result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint, qat_report)
         summary = json.dumps(result_dict(result), indent=2) + "\n"
         journal.put(out / "quantize.json", lambda t: t.write_text(summary))
     return result
@@ -193,21 +211,60 @@ class _Inputs:
     test_y: np.ndarray
 
 
-def _quantize_formats(net, inputs: _Inputs, tmp: Path, formats, activation_type, io, target, on_step) -> list[QuantizedModel]:
-    """Every requested int8 file (and its fp32 counterpart) written and checked inside ``tmp``."""
+def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activation_type, io, target,
+                      on_step) -> list[QuantizedModel]:
+    """Every requested int8 file (from ``int8_net``) and its fp32 counterpart (from ``net``) written and
+    checked inside ``tmp``; the two networks are one and the same unless QAT fine-tuned a copy."""
     step = on_step or (lambda _msg: None)
     i = inputs
     models = []
     onnx_fp32 = to_onnx(net, i.check_x, tmp / "model.onnx")
     fp32_art = check_onnx(onnx_fp32, i.check_x, i.reference, "fp32")
+    onnx_source = onnx_fp32 if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat.onnx")
     if "onnx" in formats:
         step("onnx: static int8 quantization with onnxruntime")
-        models.append(_quantize_onnx(onnx_fp32, fp32_art, tmp, i, activation_type, target))
+        models.append(_quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, i, activation_type, target))
     if "tflite" in formats:
         step("tflite: full-integer conversion with onnx2tf")
         onnx_b1 = to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)  # TFLite: batch 1
-        models.append(_quantize_tflite(onnx_b1, tmp, i, io, target))
+        qat_b1 = None if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat_b1.onnx", dynamic_batch=False)
+        models.append(_quantize_tflite(onnx_b1, qat_b1, tmp, i, io, target))
     return models
+
+
+def _fine_tune(model, meta: dict, checkpoint: Path, data: ImageData, epochs: int, teacher, on_step):
+    """The QAT-fine-tuned copy of ``model`` and its report, or (None, None) without ``epochs``."""
+    if not epochs:
+        return None, None
+    step = on_step or (lambda _msg: None)
+    fn, name = qat_teacher(model, meta, checkpoint, data, teacher)
+    step(f"qat: {epochs} epoch{'s' if epochs != 1 else ''} of quantization-aware fine-tuning, taught by {name}")
+    settings = qat.QATSettings(epochs=epochs, **recorded_augmentation(checkpoint))
+    progress = (lambda kind, e, n, info: step(f"qat: epoch {e}/{n}, validation {info['val_acc']:.2f}% (fake-quantized)"))
+    tuned, report = qat.finetune(model, meta, data, fn, name, settings, on_step=progress)
+    return tuned, report.to_dict()
+
+
+def qat_teacher(model, meta: dict, checkpoint: Path, data: ImageData, teacher):
+    """The teacher QAT learns from: ``teacher``, else the run's first teacher whose file exists, else the float model."""
+    recorded = [t for t in rundir.recorded_config(checkpoint).get("kd", {}).get("teachers", []) if Path(t).is_file()]
+    path = Path(teacher) if teacher else (Path(recorded[0]) if recorded else None)
+    if path is None:
+        float_model = copy.deepcopy(model).eval()
+        spec = Deployable(float_model, meta["mean"], meta["std"]).eval()
+        channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
+        return (lambda x_unit: spec(fit_input(x_unit, channels, size))), "the float model itself"
+    loaded = load_teacher(path)
+    if loaded.classes is not None and list(loaded.classes) != list(data.classes):
+        raise EdgeKDError(f"the QAT teacher {path} knows classes {list(loaded.classes)[:5]}..., the model "
+                          f"{list(data.classes)[:5]}...; give a teacher trained on the same classes")
+    return loaded, str(path)
+
+
+def recorded_augmentation(checkpoint: Path) -> dict:
+    """The run's own crop and flip augmentation, for fine-tuning on the images it was trained on."""
+    recipe = rundir.recorded_config(checkpoint).get("recipe", {})
+    return {k: recipe[k] for k in ("augment_pad", "augment_flip") if k in recipe}
 
 
 def result_dict(result: QuantizeResult) -> dict:
@@ -215,6 +272,7 @@ def result_dict(result: QuantizeResult) -> dict:
         "passed": result.passed,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "max_drop_pts": result.max_drop,
+        "qat": result.qat,
         "calibration": {"size": len(result.calibration.indices), "sha256": result.calibration.sha256,
                         "per_class": list(result.calibration.per_class), "train_indices": list(result.calibration.indices)},
         "models": [{"format": m.format, "fp32": m.fp32.to_dict(), "int8": m.int8.to_dict(),
@@ -287,12 +345,13 @@ def _without_rank1_axis_warnings():
         root.removeFilter(quiet)
 
 
-def _quantize_onnx(onnx_fp32, fp32_art, tmp, inputs: _Inputs, activation_type, target):
+def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activation_type, target):
+    """int8 from ``onnx_source`` (the fp32 file itself, or its QAT-fine-tuned twin), next to ``onnx_fp32``."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = tmp / "model.pre.onnx"
-    quant_pre_process(str(onnx_fp32), str(pre))
+    quant_pre_process(str(onnx_source), str(pre))
     candidates = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     wanted = list(candidates) if activation_type == "auto" else [activation_type]
     reduce_range, target_why = TARGETS[target]
@@ -420,9 +479,15 @@ def onnx_latency_ms(path: Path, runs: int = 200) -> float:
 # TFLite
 
 
-def _quantize_tflite(onnx_fp32, tmp, inputs: _Inputs, io, target):
+def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target):
+    """int8 from ``onnx_qat`` when QAT made one, else from ``onnx_fp32``; the fp32 file always from ``onnx_fp32``."""
     i = inputs
-    files = onnx_to_tflite(onnx_fp32, tmp / "tf", calibration=nhwc(i.calib_x), io_dtype="int8" if io == "float32" else io)
+    calibration, io_dtype = nhwc(i.calib_x), "int8" if io == "float32" else io
+    files = onnx_to_tflite(onnx_fp32, tmp / "tf", calibration=None if onnx_qat else calibration, io_dtype=io_dtype)
+    if onnx_qat is not None:
+        qat_files = onnx_to_tflite(onnx_qat, tmp / "tf-qat", calibration=calibration, io_dtype=io_dtype)
+        files = {**{k: v for k, v in qat_files.items() if k in ("integer_quant", "full_integer_quant")},
+                 "float32": files["float32"]}
     key = "integer_quant" if io == "float32" else "full_integer_quant"
     if key not in files or "float32" not in files:
         raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")

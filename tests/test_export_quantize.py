@@ -255,3 +255,43 @@ def test_runtime_proof_counts_the_macs_onnxruntime_ran_in_int8(tmp_path):
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=gemm)
     assert onnx_int8_mac_share(mixed, x[:1].numpy(), tmp_path) == pytest.approx(13824 / (13824 + 5120))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model_int8.onnx", "model_mixed.onnx"]
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+def test_onnx_export_passes_on_no_warning(tmp_path):
+    """The TorchScript exporter is edgekd's measured choice; PyTorch's deprecation notice about it is not the user's."""
+    import warnings
+
+    from edgekd.convert import to_onnx
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
+    assert [str(w.message)[:80] for w in caught] == []
+
+
+def test_onnx_export_falls_back_to_the_torch_export_based_exporter(tmp_path, monkeypatch):
+    import importlib.util
+
+    from edgekd.convert import to_onnx
+
+    real, calls = torch.onnx.export, []
+
+    def torchscript_gone(*args, dynamo=True, external_data=True, verbose=None, **kwargs):
+        calls.append(dynamo)
+        if not dynamo:
+            raise RuntimeError("TorchScript-based export was removed")
+        return real(*args, dynamo=False, **kwargs)  # stands in for the torch.export-based exporter
+
+    monkeypatch.setattr(torch.onnx, "export", torchscript_gone)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "onnxscript" else find_spec(name, *a))
+    assert to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx").is_file()
+    assert calls == [False, True]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    with pytest.raises(EdgeKDError, match="ONNX export failed: TorchScript-based export was removed$"):
+        to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "n.onnx")

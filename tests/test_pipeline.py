@@ -173,3 +173,29 @@ def test_teacher_from_a_file_is_the_bench_reference(digits_model, tmp_path):
     teacher = rows[result.bench.teacher]
     assert teacher.role == "teacher" and teacher.path == str(digits_model) and teacher.status == "ok"
     assert rows["kd_best"].vs_teacher.against == teacher.name
+
+
+def test_pipeline_fine_tunes_for_int8_when_post_training_misses_the_gate(tmp_path, monkeypatch):
+    import edgekd.pipeline as pipeline
+
+    real, calls = pipeline.quantize, []
+
+    def gate_misses_first(ckpt, **kwargs):  # post-training int8 made to fail the gate, whatever its drop
+        calls.append(kwargs.get("qat_epochs", 0))
+        return real(ckpt, **{**kwargs, "max_drop": kwargs["max_drop"] if kwargs.get("qat_epochs") else -100.0})
+
+    monkeypatch.setattr(pipeline, "quantize", gate_misses_first)
+    recipe = {"epochs": 1, "batch_size": 128}
+    cfg = pipeline_config_from_dict({
+        "teachers": [{"name": "t1", "model": {"arch": "seed003_teacher"}, "recipe": recipe}],
+        "student": {"arch": "seed003_student"}, "student_recipe": recipe, "students": ["kd_best"],
+        "deploy": {"formats": ["onnx"], "calib_size": 40, "max_drop": 100.0, "qat_epochs": 1},
+        "bench": {"enabled": False},
+    })
+    result = run_pipeline(cfg, tmp_path)
+    assert calls == [0, 1]
+    assert result.deployed["post_training"]["passed"] is False and result.deployed["passed"]
+    assert result.deployed["qat"]["epochs"] == 1 and result.deployed["qat"]["teacher"].endswith("t1/best.pt")
+    assert (tmp_path / "deploy" / "model_qat.pt").is_file()
+    again = run_pipeline(cfg, tmp_path, resume=True)  # skipped, and still says what happened
+    assert calls == [0, 1] and again.deployed["post_training"]["passed"] is False

@@ -60,20 +60,25 @@ def quantize_cmd(
     io: Annotated[str, typer.Option("--io", help="TFLite input/output type: float32 (MediaPipe/Task Library), uint8 or int8")] = "float32",
     activation_type: Annotated[str, typer.Option(help="ONNX activations: auto (measure uint8 and int8 on this CPU, keep the faster), uint8, int8")] = "auto",
     target: Annotated[str, typer.Option("--target", help="CPU the int8 files will run on: arm (phones; full 8-bit weights), x86-vnni (full 8-bit), x86 (no VNNI: 7-bit ONNX weights); recorded in each sidecar")] = "arm",
+    qat: Annotated[int, typer.Option("--qat", metavar="EPOCHS", help="Fine-tune this many epochs with fake int8 quantization first, taught by --teacher (quantization-aware training); 0: post-training only")] = 0,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher for --qat [default: the run's own teacher when its file exists, else the float model]")] = None,
     out: OutDir = None,
     as_json: AsJson = False,
 ) -> None:
     """Quantize to int8 (weights and activations) with a representative dataset, and prove it.
 
     Counts the quantized operators (fails if the model silently stayed float) and evaluates fp32 and int8 on the whole test split through their own runtimes.
+    With --qat N the int8 files come from a copy fine-tuned N epochs with fake quantization (kept as model_qat.pt); the drop is still measured against the original fp32 model.
 
     Example: edgekd quantize runs/distill-edge_resnet_s/best.pt --max-drop 1.0
+
+    Example: edgekd quantize runs/distill-edge_resnet_s/best.pt --max-drop 0.5 --qat 3
     """
     from edgekd.quantize import quantize, result_dict
 
     result = _guarded(lambda: quantize(model, data=data, formats=tuple(fmt or ("onnx", "tflite")), calib_size=calib_size,
-                                       io=io, activation_type=activation_type, max_drop=max_drop, target=target, out_dir=out,
-                                       on_step=_status))
+                                       io=io, activation_type=activation_type, max_drop=max_drop, target=target, qat_epochs=qat,
+                                       teacher=teacher, out_dir=out, on_step=_status))
     table = Table(title=f"edgekd quantize: checkpoint {result.checkpoint} (calibration: "
                         f"{len(result.calibration.indices)} images, sha256 {result.calibration.sha256[:12]})")
     for col in ("format", "int8 file", "size fp32 -> int8", "ratio", "int8 ops", "float ops", "MACs run in int8",
@@ -85,6 +90,11 @@ def quantize_cmd(
                       "-" if m.int8_mac_share is None else f"{100 * m.int8_mac_share:.0f}%",
                       f"{m.fp32_test_acc:.2f}%", f"{m.int8_test_acc:.2f}%", f"{m.drop_pts:+.2f} pts")
     err.print(table)
+    if result.qat:
+        q = result.qat
+        err.print(f"qat: {q['epochs']} epoch{'s' if q['epochs'] != 1 else ''} taught by {q['teacher']}, {q['folded_batch_norms']} batch norms folded; "
+                  f"validation (fake-quantized) {q['val_acc_before']:.2f}% -> {q['val_acc_after']:.2f}% "
+                  f"(epoch {q['best_epoch']} kept), {q['seconds']:.0f} s", highlight=False)
     for m in result.models:
         err.print(f"{m.format}: {m.choice.get('why', '')}", highlight=False)
         if m.choice.get("caveat"):

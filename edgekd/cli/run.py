@@ -56,6 +56,12 @@ def run_cmd(
         state = "verified" if result.bundle.passed else "FAILED its checks"
         err.print(f"bundle: {result.bundle.out_dir} ({state}: "
                   + ", ".join(f"{c.name} {'ok' if c.ok else 'FAILED'}" for c in result.bundle.checks) + ")", highlight=False)
+    if result.deployed and result.deployed.get("qat"):
+        q, first = result.deployed["qat"], result.deployed["post_training"]
+        worst = max(first["models"], key=lambda m: m["drop_pts"])
+        err.print(f"int8: post-training {worst['format']} lost {worst['drop_pts']:.2f} points, over deploy.max_drop; "
+                  f"the int8 files come from {q['epochs']} epochs of quantization-aware fine-tuning taught by "
+                  f"{q['teacher']} (deploy/model_qat.pt)", highlight=False)
     err.print(f"manifest: {out / 'manifest.json'}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "kd_gain": result.kd_gain,
@@ -65,7 +71,7 @@ def run_cmd(
         worst = max(result.deployed["models"], key=lambda m: m["drop_pts"])
         err.print(f"[bold red]error:[/] int8 {worst['format']} lost {worst['drop_pts']:.2f} top-1 points, more than "
                   f"deploy.max_drop {result.deployed['max_drop_pts']}; not packaged (files kept in {out / 'deploy'}, "
-                  "marked failed). Raise deploy.max_drop or keep the fp32 files", highlight=False)
+                  "marked failed). Raise deploy.max_drop or deploy.qat_epochs, or keep the fp32 files", highlight=False)
         raise typer.Exit(2)
     if result.bundle is not None and not result.bundle.passed:
         raise typer.Exit(1)

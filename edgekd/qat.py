@@ -1,0 +1,266 @@
+"""Quantization-aware fine-tuning (QAT), taught by a teacher: float weights that survive int8.
+
+Post-training int8 rounds every weight to a per-channel grid and every activation to a per-tensor
+one, and some networks lose points to it. QAT fine-tunes the float weights for a few epochs while
+the forward pass sees that rounding (fake quantization, straight-through gradients), so the
+weights settle where rounding costs little. The loss is edgekd's distillation loss: the labels plus
+the soft targets of a teacher (the run's own teacher when its file is at hand, else the float model
+itself), at a low learning rate; the epoch kept is chosen on the validation split.
+
+What is simulated is what the int8 converters do to the exported graph (``edgekd.quantize``):
+
+- weights: symmetric int8 per output channel, range [-127, 127], on the weight the converter sees.
+  A convolution followed by batch norm is folded first (``w * gamma / sigma``), so the grid applies
+  to the folded weight; batch-norm statistics and affine parameters are frozen so the fold is fixed.
+- activations: the input of every convolution and linear layer, asymmetric 8-bit per tensor, its
+  range a running min/max of the training batches (the converters calibrate min/max too).
+
+The result is an ordinary checkpoint of the same architecture whose folded weights lie on the int8
+grid. ``edgekd.quantize`` converts it like any other file (its calibration measures the activation
+ranges again), so the int8 files, their proofs and the accuracy gate are the same code.
+
+We write the fake quantization ourselves, on PyTorch's ``fake_quantize_*`` operators and
+``torch.nn.utils.parametrize``: torch.ao's QAT flow swaps in its own quantized modules, which the
+ONNX -> TFLite path does not take, and it is deprecated in favour of torchao.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+
+from edgekd.data import ImageData, apply_augment, augment_params, to_unit
+from edgekd.errors import EdgeKDError
+from edgekd.losses import distillation_loss
+from edgekd.zoo import fit_input
+
+WEIGHT_QMAX = 127  # symmetric int8 weights: [-127, 127], as onnxruntime and TFLite quantize them
+ACT_LEVELS = 255  # 8-bit activations, asymmetric
+ACT_MOMENTUM = 0.01  # running min/max: how fast the activation range follows the batches
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    epochs: int
+    lr: float = 1e-4  # Adam, cosine to zero: a fine-tune, not a retrain
+    batch_size: int = 128
+    alpha: float = 0.5  # weight of the label cross-entropy; the rest is the teacher's KL term
+    temperature: float = 2.0
+    augment_pad: int = 4
+    augment_flip: bool = True
+    seed: int = 0
+    # False: the same fine-tune without fake quantization, the control a QAT gain is measured against
+    # (extra epochs with a teacher can lift a model whether or not it sees the int8 rounding)
+    fake_quant: bool = True
+
+
+@dataclass(frozen=True)
+class QATReport:
+    epochs: int
+    best_epoch: int  # 0: the fake-quantized model before any fine-tuning was best on validation
+    val_acc_before: float  # fake-quantized, before fine-tuning
+    val_acc_after: float  # fake-quantized, the epoch kept
+    teacher: str
+    folded_batch_norms: int
+    seconds: float
+    history: tuple[dict, ...]
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "history": list(self.history)}
+
+
+class FakeQuantWeight(nn.Module):
+    """Parametrization: the weight as the int8 converter will store it, folded scale included."""
+
+    def __init__(self, fold: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("fold", fold)  # (C_out,): gamma / sigma of the following batch norm, or ones
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        folded = w * self.fold.view(shape)
+        scale = (folded.detach().abs().amax(dim=tuple(range(1, w.dim()))) / WEIGHT_QMAX).clamp_min(1e-12)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        q = torch.fake_quantize_per_channel_affine(folded, scale.float(), zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
+        return q / self.fold.view(shape)
+
+
+class ActivationFakeQuant:
+    """Forward pre-hook: the layer's input rounded to 8 bits over a running min/max (which includes 0)."""
+
+    def __init__(self) -> None:
+        self.low: float | None = None
+        self.high: float | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        if module.training:
+            low, high = min(float(x.detach().min()), 0.0), max(float(x.detach().max()), 0.0)
+            if self.low is None:
+                self.low, self.high = low, high
+            else:
+                self.low += ACT_MOMENTUM * (low - self.low)
+                self.high += ACT_MOMENTUM * (high - self.high)
+        if self.low is None or self.high - self.low <= 0:
+            return args
+        scale = (self.high - self.low) / ACT_LEVELS
+        zero = int(round(-self.low / scale))
+        return (torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, ACT_LEVELS), *args[1:])
+
+
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, nn.BatchNorm2d]:
+    """Each convolution whose output goes straight into a batch norm, found by running ``example``
+    (works for any architecture, traceable or not)."""
+    produced: dict[int, nn.Module] = {}
+    pairs: dict[nn.Module, nn.BatchNorm2d] = {}
+
+    def after_conv(module, _args, out):
+        produced[id(out)] = module
+
+    def before_bn(module, args):
+        conv = produced.get(id(args[0]))
+        if conv is not None and conv.out_channels == module.num_features:
+            pairs[conv] = module
+
+    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(before_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+def prepare(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list, int]:
+    """A copy of ``model`` with fake-quantized weights and layer inputs; returns it, its hook handles and
+    how many batch norms were folded into the simulation."""
+    model = copy.deepcopy(model)
+    pairs = conv_bn_pairs(model, example)
+    handles = []
+    for m in list(model.modules()):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        bn = pairs.get(m)
+        out_channels = m.weight.shape[0]
+        fold = torch.ones(out_channels)
+        if bn is not None:
+            sigma = torch.sqrt(bn.running_var + bn.eps)
+            gamma = bn.weight.detach() if bn.affine else torch.ones_like(sigma)
+            fold = gamma / sigma
+            fold = torch.where(fold.abs() < 1e-12, torch.full_like(fold, 1e-12), fold)  # a dead channel stays dead
+        parametrize.register_parametrization(m, "weight", FakeQuantWeight(fold.detach().clone()))
+        handles.append(m.register_forward_pre_hook(ActivationFakeQuant()))
+    return model, handles, len(pairs)
+
+
+def _freeze_batch_norm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.requires_grad_(False)
+
+
+def bake(model: nn.Module, handles: list) -> nn.Module:
+    """The fine-tuned model with its weights on the int8 grid and no fake-quantization left."""
+    for h in handles:
+        h.remove()
+    for m in model.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+    return model.eval()
+
+
+def finetune(model: nn.Module, meta: dict, data: ImageData, teacher: Callable[[torch.Tensor], torch.Tensor],
+             teacher_name: str, settings: QATSettings,
+             on_step: Callable[[str, int, int, dict], None] | None = None) -> tuple[nn.Module, QATReport]:
+    """QAT-fine-tune ``model`` (a float edgekd model, CPU) on ``data``'s training split.
+
+    ``teacher`` maps [0, 1] images ``(B, C, H, W)`` to logits. Returns the baked model (same
+    architecture, weights on the int8 grid once batch norm is folded) and what happened.
+    """
+    if settings.epochs < 1:
+        raise EdgeKDError("--qat needs at least 1 epoch")
+    t0 = time.perf_counter()
+    channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
+    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
+
+    def model_input(x_unit: torch.Tensor) -> torch.Tensor:
+        return (fit_input(x_unit, channels, size) - mean) / std
+
+    example = model_input(to_unit(data.train_x[:8]))
+    if settings.fake_quant:
+        qmodel, handles, folded = prepare(model.cpu().eval(), example)
+    else:
+        qmodel, handles, folded = copy.deepcopy(model).cpu().eval(), [], 0
+    gen = torch.Generator().manual_seed(settings.seed)
+    _observe(qmodel, data, model_input, settings.batch_size)  # activation ranges before the first step
+    before = _val_acc(qmodel, data, model_input)
+    params = [p for p in qmodel.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    steps = settings.epochs * math.ceil(len(data.train_y) / settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
+    best_state, best_acc, best_epoch = copy.deepcopy(qmodel.state_dict()), before, 0
+    history = []
+    for epoch in range(1, settings.epochs + 1):
+        loss = _epoch(qmodel, data, model_input, teacher, optimizer, scheduler, settings, gen)
+        acc = _val_acc(qmodel, data, model_input)
+        history.append({"epoch": epoch, "loss": loss, "val_acc": acc})
+        if on_step:
+            on_step("qat_epoch", epoch, settings.epochs, {"loss": loss, "val_acc": acc})
+        if acc > best_acc:
+            best_state, best_acc, best_epoch = copy.deepcopy(qmodel.state_dict()), acc, epoch
+    qmodel.load_state_dict(best_state)
+    baked = bake(qmodel, handles)
+    report = QATReport(settings.epochs, best_epoch, before, best_acc, teacher_name, folded,
+                       round(time.perf_counter() - t0, 1), tuple(history))
+    return baked, report
+
+
+def _epoch(qmodel, data, model_input, teacher, optimizer, scheduler, s: QATSettings, gen) -> float:
+    qmodel.train()
+    _freeze_batch_norm(qmodel)
+    order = torch.randperm(len(data.train_y), generator=gen)
+    total, count = 0.0, 0
+    for i in range(0, len(order), s.batch_size):
+        idx = order[i:i + s.batch_size]
+        aug = augment_params(len(idx), s.augment_pad, s.augment_flip, gen) if s.augment_pad or s.augment_flip else None
+        x_unit = apply_augment(to_unit(data.train_x[idx]), aug, s.augment_pad)
+        with torch.no_grad():
+            t_logits = teacher(x_unit).float()
+        logits = qmodel(model_input(x_unit))
+        loss = distillation_loss(logits, data.train_y[idx], t_logits, alpha=s.alpha, temperature=s.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def _observe(qmodel, data, model_input, batch_size: int) -> None:
+    """One pass over up to 2,000 training images in train mode (batch norm frozen): activation ranges only."""
+    qmodel.train()
+    _freeze_batch_norm(qmodel)
+    for i in range(0, min(2000, len(data.train_y)), batch_size):
+        qmodel(model_input(to_unit(data.train_x[i:i + batch_size])))
+
+
+@torch.no_grad()
+def _val_acc(qmodel, data, model_input) -> float:
+    qmodel.eval()
+    correct = 0
+    for i in range(0, len(data.val_y), 512):
+        correct += int((qmodel(model_input(to_unit(data.val_x[i:i + 512]))).argmax(1) == data.val_y[i:i + 512]).sum())
+    return 100.0 * correct / max(1, len(data.val_y))
