@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import platform
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -179,11 +180,12 @@ def quantize(
     with torch.no_grad():
         reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()
     inputs = _Inputs(rgb(check_x), reference, rgb(model_input(meta, data.train_x[list(calib.indices)])),
-                     rgb(model_input(meta, data.test_x)), data.test_y.numpy())
+                     rgb(model_input(meta, data.test_x)), data.test_y.numpy(),
+                     rgb(model_input(meta, data.val_x)), data.val_y.numpy())
     qat_model, qat_report = _fine_tune(net_model, meta, checkpoint, data, qat_epochs, teacher, on_step)
     int8_net = deploy_net(qat_model, meta)[0] if qat_model is not None else net
     with staged_output(out, "quantize") as (tmp, journal):
-        models = _quantize_formats(net, int8_net, inputs, tmp, formats, activation_type, io, target, on_step)
+        models = _quantize_formats(net, int8_net, inputs, tmp, formats, activation_type, io, target, max_drop, on_step)
         if qat_model is not None:
             models = [dataclasses.replace(m, choice={**m.choice, "qat": qat_report}) for m in models]
             journal.put(out / QAT_CHECKPOINT, lambda t: save_checkpoint(t, qat_model, meta, qat=qat_report))
@@ -209,9 +211,11 @@ class _Inputs:
     calib_x: torch.Tensor
     test_x: torch.Tensor
     test_y: np.ndarray
+    val_x: torch.Tensor  # what the accuracy-aware fallback may choose on
+    val_y: np.ndarray
 
 
-def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activation_type, io, target,
+def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activation_type, io, target, max_drop,
                       on_step) -> list[QuantizedModel]:
     """Every requested int8 file (from ``int8_net``) and its fp32 counterpart (from ``net``) written and
     checked inside ``tmp``; the two networks are one and the same unless QAT fine-tuned a copy."""
@@ -223,7 +227,7 @@ def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activa
     onnx_source = onnx_fp32 if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat.onnx")
     if "onnx" in formats:
         step("onnx: static int8 quantization with onnxruntime")
-        models.append(_quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, i, activation_type, target))
+        models.append(_quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, i, activation_type, target, max_drop))
     if "tflite" in formats:
         step("tflite: full-integer conversion with onnx2tf")
         onnx_b1 = to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)  # TFLite: batch 1
@@ -345,24 +349,15 @@ def _without_rank1_axis_warnings():
         root.removeFilter(quiet)
 
 
-def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activation_type, target):
+def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activation_type, target, max_drop):
     """int8 from ``onnx_source`` (the fp32 file itself, or its QAT-fine-tuned twin), next to ``onnx_fp32``."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = tmp / "model.pre.onnx"
     quant_pre_process(str(onnx_source), str(pre))
-    candidates = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-    wanted = list(candidates) if activation_type == "auto" else [activation_type]
+    wanted = ["uint8", "int8"] if activation_type == "auto" else [activation_type]
     reduce_range, target_why = TARGETS[target]
-    made = {}
-    for act in wanted:
-        path = tmp / f"model_int8_{act}.onnx"
-        with _without_rank1_axis_warnings():
-            quantize_static(str(pre), str(path), _Reader(inputs.calib_x.numpy()), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=candidates[act], weight_type=QuantType.QInt8,
-                            reduce_range=reduce_range)
-        made[act] = path
+    made = {act: _ort_int8(pre, tmp / f"model_int8_{act}.onnx", inputs, act, reduce_range) for act in wanted}
     timings = {act: onnx_latency_ms(path) for act, path in made.items()} if len(made) > 1 else {}
     best = min(timings, key=timings.get) if timings else wanted[0]
     host = host_target()
@@ -376,7 +371,9 @@ def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activ
         choice["why"] = f"{best} activations ran fastest on this CPU (batch 1, 1 thread, p50)"
     else:
         choice["why"] = "chosen by the user"
-    path = made[best]
+    path, fallback = _float_fallback(pre, made[best], onnx_fp32, tmp, inputs, best, reduce_range, max_drop)
+    if fallback:
+        choice["float_fallback"] = fallback
     quantized, float_ops = count_onnx_ops(path)
     if quantized == 0:
         raise EdgeKDError("onnxruntime left every compute operator in float: the model was not quantized")
@@ -388,6 +385,59 @@ def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activ
     fp32_acc = _accuracy(run_onnx(onnx_fp32, inputs.test_x.numpy()), inputs.test_y)
     int8_acc = _accuracy(run_onnx(path, inputs.test_x.numpy()), inputs.test_y)
     return QuantizedModel("onnx", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice, share)
+
+
+def _ort_int8(pre: Path, path: Path, inputs: _Inputs, act: str, reduce_range: bool, exclude: tuple[str, ...] = ()) -> Path:
+    """onnxruntime's static QDQ quantization, per-channel int8 weights; ``exclude`` names nodes kept in float."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    act_type = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[act]
+    with _without_rank1_axis_warnings():
+        quantize_static(str(pre), str(path), _Reader(inputs.calib_x.numpy()), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=act_type, weight_type=QuantType.QInt8,
+                        reduce_range=reduce_range, nodes_to_exclude=list(exclude))
+    return path
+
+
+MAX_FALLBACK_LAYERS = 32  # layers probed one by one; a deeper network is probed on its first 32 compute layers
+
+
+def _float_fallback(pre: Path, path: Path, onnx_fp32: Path, tmp: Path, inputs: _Inputs, act: str, reduce_range: bool,
+                    max_drop: float | None) -> tuple[Path, dict | None]:
+    """Accuracy-aware fallback: when the int8 file loses more than ``max_drop`` on the validation split, the
+    fewest compute layers kept in float that bring the loss under it (``path`` unchanged when none do).
+
+    Each layer's sensitivity is the validation accuracy won back by keeping it alone in float; layers
+    are then kept in float in that order until the drop fits. The test split is not read here.
+    """
+    import onnx
+
+    if max_drop is None or len(inputs.val_y) == 0:
+        return path, None
+    val = inputs.val_x.numpy()
+    fp32_val = _accuracy(run_onnx(onnx_fp32, val), inputs.val_y)
+    before = fp32_val - _accuracy(run_onnx(path, val), inputs.val_y)
+    if before <= max_drop:
+        return path, None
+    layers = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in QUANTIZED_COMPUTE][:MAX_FALLBACK_LAYERS]
+
+    def val_drop(exclude: tuple[str, ...]) -> float:
+        probe = _ort_int8(pre, tmp / "model_int8_fallback.onnx", inputs, act, reduce_range, exclude)
+        return fp32_val - _accuracy(run_onnx(probe, val), inputs.val_y)
+
+    sensitivity = {name: before - val_drop((name,)) for name in layers}
+    order = sorted(layers, key=lambda n: -sensitivity[n])
+    report = {"val_drop_before": before, "probed_layers": len(layers),
+              "sensitivity_pts": {n: sensitivity[n] for n in order}}
+    for k in range(1, len(order) + 1):
+        drop = val_drop(tuple(order[:k]))
+        if drop <= max_drop:
+            kept = tmp / "model_int8_kept_float.onnx"
+            os.replace(tmp / "model_int8_fallback.onnx", kept)
+            cost = {"p50_ms_all_int8": onnx_latency_ms(path), "p50_ms_with_float_layers": onnx_latency_ms(kept)}
+            return kept, {**report, "float_layers": order[:k], "val_drop_after": drop, **cost}
+    return path, {**report, "float_layers": [], "val_drop_after": before,
+                  "why": "no set of float layers brought the validation drop under max_drop"}
 
 
 def count_onnx_ops(path: Path) -> tuple[int, int]:

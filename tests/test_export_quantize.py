@@ -295,3 +295,46 @@ def test_onnx_export_falls_back_to_the_torch_export_based_exporter(tmp_path, mon
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
     with pytest.raises(EdgeKDError, match="ONNX export failed: TorchScript-based export was removed$"):
         to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "n.onnx")
+
+
+def test_accuracy_aware_fallback_keeps_the_fewest_layers_in_float(tmp_path):
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edgekd.convert import to_onnx
+    from edgekd.quantize import _Inputs, _float_fallback, _ort_int8, count_onnx_ops
+    from edgekd.runtime import run_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    with torch.no_grad():  # class = the strongest of R, G, B, or "dark" (class 3) when none reaches 0.5
+        for layer in (net[0], net[2], net[6]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        for c in range(3):
+            net[0].weight[c + 1, c] = 1.0  # channels 1-3 carry R, G, B
+            net[2].weight[c + 1, c + 1] = 1.0
+            net[6].weight[c, c + 1] = 1.0
+        net[0].bias[0] = 5000.0  # a huge constant channel the float model ignores; one 8-bit range cannot hold both
+        net[6].bias[3] = 0.5
+    torch.manual_seed(0)
+    x = torch.rand(200, 3, 1, 1) + 0.05 * torch.rand(200, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1).numpy()  # the float model is right by construction
+    assert len(set(y[150:].tolist())) > 2
+    fp32 = to_onnx(net, x, tmp_path / "model.onnx")
+    pre = tmp_path / "model.pre.onnx"
+    quant_pre_process(str(fp32), str(pre))
+    inputs = _Inputs(x[:8], None, x[:100], x[100:150], y[100:150], x[150:], y[150:])
+    full = _ort_int8(pre, tmp_path / "model_int8.onnx", inputs, "uint8", False)
+    assert (run_onnx(full, x[150:].numpy()).argmax(1) == y[150:]).mean() < 0.9  # post-training int8 is badly hurt
+    path, report = _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=1.0)
+    assert report["val_drop_before"] > 10 and report["val_drop_after"] <= 1.0
+    # the constant channel ruins the range of the first conv's output and of the second conv's input: neither
+    # alone in float is enough (tried first), both are; the linear layer stays int8
+    assert report["probed_layers"] == 3 and sorted(report["float_layers"]) == ["/0/Conv", "/2/Conv"]
+    assert max(report["sensitivity_pts"].values()) == report["sensitivity_pts"][report["float_layers"][0]]
+    assert count_onnx_ops(path) == (1, 2)
+    assert report["p50_ms_all_int8"] > 0 and report["p50_ms_with_float_layers"] > 0
+    # nothing to do when the drop already fits, or without a gate
+    assert _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=100.0) == (full, None)
+    assert _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=None) == (full, None)

@@ -97,6 +97,14 @@ def quantize_cmd(
                   f"(epoch {q['best_epoch']} kept), {q['seconds']:.0f} s", highlight=False)
     for m in result.models:
         err.print(f"{m.format}: {m.choice.get('why', '')}", highlight=False)
+        fb = m.choice.get("float_fallback")
+        if fb and fb["float_layers"]:
+            err.print(f"{m.format}: {len(fb['float_layers'])} of {fb['probed_layers']} layers kept in float "
+                      f"({', '.join(fb['float_layers'])}): validation drop {fb['val_drop_before']:.2f} -> "
+                      f"{fb['val_drop_after']:.2f} points, p50 {fb['p50_ms_all_int8']:.3f} -> "
+                      f"{fb['p50_ms_with_float_layers']:.3f} ms", highlight=False)
+        elif fb:
+            err.print(f"{m.format}: {fb['why']} ({fb['probed_layers']} layers probed)", highlight=False)
         if m.choice.get("caveat"):
             err.print(f"[yellow]warning:[/] {m.format}: {m.choice['caveat']}", highlight=False)
     if as_json:
