@@ -12,6 +12,7 @@ into a new or empty folder, or over an earlier bundle, whose listed files alone 
 from __future__ import annotations
 
 import io
+import dataclasses
 import json
 import os
 import shutil
@@ -312,6 +313,7 @@ def package(
     make_zip: bool = False,
     bench_runs: int = 50,
     bench_seconds: float = 1.0,
+    bench_report=None,
     on_step: Callable[[str], None] | None = None,
 ) -> PackageResult:
     """Write a verified app bundle for the int8 (or fp32) TFLite model of a run, checkpoint or file.
@@ -335,7 +337,8 @@ def package(
     with temp_dir(out) as tmp:
         folder = tmp / "bundle"
         folder.mkdir()
-        checks = write_bundle(folder, sources, names, desc, data, precision, bench_runs, bench_seconds, step)
+        measured = BenchPlan(bench_runs, bench_seconds, bench_report)
+        checks = write_bundle(folder, sources, names, desc, data, precision, measured, step)
         journal = Journal(tmp / "replaced")
         try:
             if zip_path is not None:
@@ -365,8 +368,19 @@ def _inputs(source, precision: str, labels, data) -> tuple[Sources, list[str], d
     return sources, names, desc, data
 
 
+@dataclass(frozen=True)
+class BenchPlan:
+    """How the bundle's numbers are measured: ``report`` (an ``edgekd.bench.BenchReport`` that already
+    measured the bundle's source files, as ``edgekd run`` has) is reused when it covers every one of
+    them; otherwise the bundle's files are benchmarked with ``runs`` and ``seconds``."""
+
+    runs: int
+    seconds: float
+    report: object | None = None
+
+
 def write_bundle(folder: Path, sources: Sources, names: list[str], desc: dict, data, precision: str,
-                 bench_runs: int, bench_seconds: float, step: Callable[[str], None]) -> tuple[Check, ...]:
+                 plan: BenchPlan, step: Callable[[str], None]) -> tuple[Check, ...]:
     """Every bundle file written into ``folder``, benchmarked and loaded back; returns the checks."""
 
     norm = metadata_normalization(desc)
@@ -378,10 +392,14 @@ def write_bundle(folder: Path, sources: Sources, names: list[str], desc: dict, d
     for f in sources.onnx:
         shutil.copyfile(f, folder / f.name)
     (folder / "labels.txt").write_text("\n".join(names) + "\n")
-    step("benchmarking the bundle's files (accuracy on the test split, batch-1 latency)")
-    models = ([sources.teacher] if sources.teacher else []) + ([sources.checkpoint] if sources.checkpoint else [])
-    models += [folder / "model.tflite", *(folder / f.name for f in sources.onnx)]
-    report = bench(models, data=data, teacher=sources.teacher, min_runs=bench_runs, min_seconds=bench_seconds)
+    report = reused_report(plan.report, sources, folder) if plan.report is not None else None
+    if report is None:
+        step("benchmarking the bundle's files (accuracy on the test split, batch-1 latency)")
+        models = ([sources.teacher] if sources.teacher else []) + ([sources.checkpoint] if sources.checkpoint else [])
+        models += [folder / "model.tflite", *(folder / f.name for f in sources.onnx)]
+        report = bench(models, data=data, teacher=sources.teacher, min_runs=plan.runs, min_seconds=plan.seconds)
+    else:
+        step("bench: reusing the measurements of the files the bundle was made from")
     step("loading the bundle back: LiteRT, MediaPipe ImageClassifier, onnxruntime")
     checks = verify(folder, data, report, names, norm)
     manifest = bundle_json(sources, desc, names, norm, precision, report, checks)
@@ -393,6 +411,24 @@ def write_bundle(folder: Path, sources: Sources, names: list[str], desc: dict, d
                                              "edgekd_version": _version()}, indent=2) + "\n")
     (folder / "SHA256SUMS").write_text("".join(f"{sha256_file(folder / n)}  {n}\n" for n in files))
     return checks + (check_sums(folder),)
+
+
+def reused_report(report, sources: Sources, folder: Path):
+    """The rows of ``report`` that measured the bundle's sources, renamed to the bundle's files (the same
+    network: model.tflite only adds metadata), or None when any source is missing or failed there."""
+    by_path = {Path(r.path).resolve(): r for r in report.rows if r.status == "ok"}
+    rows = []
+    for src in (sources.teacher, sources.checkpoint):
+        if src is not None:
+            if Path(src).resolve() not in by_path:
+                return None
+            rows.append(by_path[Path(src).resolve()])
+    for src, name in ((sources.tflite, "model.tflite"), *((f, f.name) for f in sources.onnx)):
+        row = by_path.get(Path(src).resolve())
+        if row is None:
+            return None
+        rows.append(dataclasses.replace(row, name=name, path=str(folder / name), size_bytes=(folder / name).stat().st_size))
+    return dataclasses.replace(report, rows=tuple(rows), histories={})
 
 
 # ---------------------------------------------------------------------------------------------

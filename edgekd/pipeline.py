@@ -288,6 +288,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, resume: bool = Fal
             on_stage(f"package: {cfg.package.precision} bundle for apps, verified in LiteRT, MediaPipe and onnxruntime")
         bundle = package(out, out_dir=rundir.bundle_dir(out), precision=cfg.package.precision, data=data,
                          make_zip=cfg.package.zip, bench_runs=cfg.bench.min_runs, bench_seconds=cfg.bench.min_seconds,
+                         bench_report=report,
                          on_step=on_stage)
     write_manifest(cfg, out, data)
     return PipelineResult(tuple(rows), deployed, report, bundle, gains)

@@ -1,5 +1,6 @@
 """edgekd package: metadata MediaPipe reads, labels, checksums, verification, error paths."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -84,6 +85,31 @@ def test_package_image_folder_run(folder_run, tmp_path):
     _check_bundle(res.out_dir, ["class_0", "class_1", "class_2"])
     names = {c.name for c in res.checks}
     assert {"litert", "mediapipe", "onnxruntime model.onnx", "onnxruntime model_int8.onnx", "metadata", "checksums"} <= names
+
+
+def test_package_reuses_a_bench_of_its_source_files(folder_run, tmp_path):
+    """What `edgekd run` does: bench measured the deploy files already; the bundle takes those rows, renamed,
+    and its runtime checks still load every bundle file and compare with them."""
+    from edgekd.bench import bench
+    from edgekd.package import package
+
+    export = folder_run / "export"
+    report = bench([folder_run / "best.pt", export / "model_int8.tflite", export / "model.onnx", export / "model_int8.onnx"],
+                   min_runs=5, min_seconds=0.0)
+    steps = []
+    res = package(folder_run, out_dir=tmp_path / "bundle", bench_report=report, on_step=steps.append)
+    assert res.passed, [c for c in res.checks if not c.ok]
+    assert any("reusing" in s for s in steps) and not any(s.startswith("benchmarking") for s in steps)
+    manifest = json.loads((res.out_dir / "model.json").read_text())
+    int8_row = next(r for r in report.rows if r.path.endswith("model_int8.tflite"))
+    assert manifest["measured"]["model.tflite"]["top1"] == pytest.approx(int8_row.top1)
+    assert manifest["measured"]["model.tflite"]["size_bytes"] == (res.out_dir / "model.tflite").stat().st_size
+    # a report that lacks one of the bundle's sources is not used: the bundle's files are benchmarked
+    partial = dataclasses.replace(report, rows=report.rows[:2])
+    steps = []
+    package(folder_run, out_dir=tmp_path / "bundle2", bench_report=partial, bench_runs=5, bench_seconds=0.0,
+            on_step=steps.append)
+    assert any(s.startswith("benchmarking") for s in steps)
 
 
 def test_package_errors(teacher_run, quantized, tmp_path):
