@@ -176,12 +176,7 @@ def quantize(
     calib = calibration_sample(data, calib_size)
     net, how = deploy_net(net_model, meta)
     meta = {**meta, "normalization": how}
-    check_x = model_input(meta, check_samples(data, 256))
-    with torch.no_grad():
-        reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()
-    inputs = _Inputs(rgb(check_x), reference, rgb(model_input(meta, data.train_x[list(calib.indices)])),
-                     rgb(model_input(meta, data.test_x)), data.test_y.numpy(),
-                     rgb(model_input(meta, data.val_x)), data.val_y.numpy())
+    inputs = _prepare_inputs(net_model, meta, data, calib)
     qat_model, qat_report = _fine_tune(net_model, meta, checkpoint, data, qat_epochs, teacher, on_step)
     int8_net = deploy_net(qat_model, meta)[0] if qat_model is not None else net
     with staged_output(out, "quantize") as (tmp, journal):
@@ -189,17 +184,30 @@ def quantize(
         if qat_model is not None:
             models = [dataclasses.replace(m, choice={**m.choice, "qat": qat_report}) for m in models]
             journal.put(out / QAT_CHECKPOINT, lambda t: save_checkpoint(t, qat_model, meta, qat=qat_report))
-        placed = []
-        for m in models:
-            status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
-            fp32_name, int8_name = FILE_NAMES[m.format]
-            fp32 = place_checked(m.fp32, out / fp32_name, meta, checkpoint, journal)
-            int8 = place_checked(m.int8, out / int8_name, meta, checkpoint, journal, status, {"quantization_choice": m.choice})
-            placed.append(dataclasses.replace(m, fp32=fp32, int8=int8))
+        placed = [_place_pair(m, out, meta, checkpoint, journal, max_drop) for m in models]
         result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint, qat_report)
         summary = json.dumps(result_dict(result), indent=2) + "\n"
         journal.put(out / "quantize.json", lambda t: t.write_text(summary))
     return result
+
+
+def _place_pair(m: QuantizedModel, out: Path, meta: dict, checkpoint: Path, journal, max_drop) -> QuantizedModel:
+    """The fp32 and int8 files of one format moved into ``out`` with their sidecars; the int8 one marked by the gate."""
+    status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
+    fp32_name, int8_name = FILE_NAMES[m.format]
+    fp32 = place_checked(m.fp32, out / fp32_name, meta, checkpoint, journal)
+    int8 = place_checked(m.int8, out / int8_name, meta, checkpoint, journal, status, {"quantization_choice": m.choice})
+    return dataclasses.replace(m, fp32=fp32, int8=int8)
+
+
+def _prepare_inputs(net_model, meta: dict, data: ImageData, calib: Calibration) -> "_Inputs":
+    """Every image set quantization reads, as the deployable model's input, and PyTorch's logits to check against."""
+    check_x = model_input(meta, check_samples(data, 256))
+    with torch.no_grad():
+        reference = Deployable(net_model, meta["mean"], meta["std"]).eval()(check_x).numpy()
+    return _Inputs(rgb(check_x), reference, rgb(model_input(meta, data.train_x[list(calib.indices)])),
+                   rgb(model_input(meta, data.test_x)), data.test_y.numpy(),
+                   rgb(model_input(meta, data.val_x)), data.val_y.numpy())
 
 
 @dataclass(frozen=True)

@@ -90,11 +90,23 @@ def quantize_cmd(
                       "-" if m.int8_mac_share is None else f"{100 * m.int8_mac_share:.0f}%",
                       f"{m.fp32_test_acc:.2f}%", f"{m.int8_test_acc:.2f}%", f"{m.drop_pts:+.2f} pts")
     err.print(table)
+    _print_choices(result)
+    if as_json:
+        sys.stdout.write(json.dumps(result_dict(result), indent=2) + "\n")
+    if not result.passed:
+        worst = max(result.models, key=lambda m: m.drop_pts)
+        err.print(f"[bold red]error:[/] int8 {worst.format} lost {worst.drop_pts:.2f} points, more than --max-drop "
+                  f"{max_drop}; files kept and marked failed", highlight=False)
+        raise typer.Exit(2)
+
+
+def _print_choices(result) -> None:
+    """What quantize chose beyond the table: QAT, the activation type, a float fallback, target caveats."""
     if result.qat:
         q = result.qat
-        err.print(f"qat: {q['epochs']} epoch{'s' if q['epochs'] != 1 else ''} taught by {q['teacher']}, {q['folded_batch_norms']} batch norms folded; "
-                  f"validation (fake-quantized) {q['val_acc_before']:.2f}% -> {q['val_acc_after']:.2f}% "
-                  f"(epoch {q['best_epoch']} kept), {q['seconds']:.0f} s", highlight=False)
+        err.print(f"qat: {q['epochs']} epoch{'s' if q['epochs'] != 1 else ''} taught by {q['teacher']}, "
+                  f"{q['folded_batch_norms']} batch norms folded; validation (fake-quantized) {q['val_acc_before']:.2f}% -> "
+                  f"{q['val_acc_after']:.2f}% (epoch {q['best_epoch']} kept), {q['seconds']:.0f} s", highlight=False)
     for m in result.models:
         err.print(f"{m.format}: {m.choice.get('why', '')}", highlight=False)
         fb = m.choice.get("float_fallback")
@@ -107,10 +119,3 @@ def quantize_cmd(
             err.print(f"{m.format}: {fb['why']} ({fb['probed_layers']} layers probed)", highlight=False)
         if m.choice.get("caveat"):
             err.print(f"[yellow]warning:[/] {m.format}: {m.choice['caveat']}", highlight=False)
-    if as_json:
-        sys.stdout.write(json.dumps(result_dict(result), indent=2) + "\n")
-    if not result.passed:
-        worst = max(result.models, key=lambda m: m.drop_pts)
-        err.print(f"[bold red]error:[/] int8 {worst.format} lost {worst.drop_pts:.2f} points, more than --max-drop "
-                  f"{max_drop}; files kept and marked failed", highlight=False)
-        raise typer.Exit(2)

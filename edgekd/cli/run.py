@@ -56,12 +56,7 @@ def run_cmd(
         state = "verified" if result.bundle.passed else "FAILED its checks"
         err.print(f"bundle: {result.bundle.out_dir} ({state}: "
                   + ", ".join(f"{c.name} {'ok' if c.ok else 'FAILED'}" for c in result.bundle.checks) + ")", highlight=False)
-    if result.deployed and result.deployed.get("qat"):
-        q, first = result.deployed["qat"], result.deployed["post_training"]
-        worst = max(first["models"], key=lambda m: m["drop_pts"])
-        err.print(f"int8: post-training {worst['format']} lost {worst['drop_pts']:.2f} points, over deploy.max_drop; "
-                  f"the int8 files come from {q['epochs']} epochs of quantization-aware fine-tuning taught by "
-                  f"{q['teacher']} (deploy/model_qat.pt)", highlight=False)
+    _print_qat(result.deployed)
     err.print(f"manifest: {out / 'manifest.json'}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "kd_gain": result.kd_gain,
@@ -75,6 +70,17 @@ def run_cmd(
         raise typer.Exit(2)
     if result.bundle is not None and not result.bundle.passed:
         raise typer.Exit(1)
+
+
+def _print_qat(deployed: dict | None) -> None:
+    """Say so when the int8 files come from quantization-aware fine-tuning, and why."""
+    if not deployed or not deployed.get("qat"):
+        return
+    q, first = deployed["qat"], deployed["post_training"]
+    worst = max(first["models"], key=lambda m: m["drop_pts"])
+    err.print(f"int8: post-training {worst['format']} lost {worst['drop_pts']:.2f} points, over deploy.max_drop; "
+              f"the int8 files come from {q['epochs']} epochs of quantization-aware fine-tuning taught by "
+              f"{q['teacher']} (deploy/model_qat.pt)", highlight=False)
 
 
 @app.command("models")
