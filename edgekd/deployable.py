@@ -148,7 +148,10 @@ def rgb(x: torch.Tensor) -> torch.Tensor:
 def model_input(meta: dict, x_u8: torch.Tensor) -> torch.Tensor:
     """uint8 images to the deployable model's input: [0, 1], the model's channels and size, NCHW."""
 
-    return fit_input(to_unit(x_u8), int(meta["in_channels"]), tuple(meta["input_size"]))
+    x = fit_input(to_unit(x_u8), int(meta["in_channels"]), tuple(meta["input_size"]))
+    if tuple(x.shape[-2:]) != tuple(x_u8.shape[-2:]):
+        x = torch.round(x * 255.0) / 255.0  # an app resizes 8-bit frames: resized pixels are 8-bit again (as in bench)
+    return x
 
 
 def preprocessing(meta: dict, layout: str) -> dict:

@@ -144,6 +144,16 @@ class Journal:
         self.placed.append((dest, saved))
         atomic_write_bytes(dest, write)
 
+    def remove(self, dest: Path) -> None:
+        """Take ``dest`` away (an output of an earlier run that this one does not make), restorable by ``undo``."""
+        if not dest.is_file():
+            return
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        saved = self.backup_dir / f"{len(self.placed)}-{dest.name}"
+        _link_or_copy(dest, saved)
+        self.placed.append((dest, saved))
+        dest.unlink()
+
     def undo(self) -> None:
         for dest, saved in reversed(self.placed):
             if saved is not None:

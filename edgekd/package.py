@@ -428,7 +428,9 @@ def reused_report(report, sources: Sources, folder: Path):
         if row is None:
             return None
         rows.append(dataclasses.replace(row, name=name, path=str(folder / name), size_bytes=(folder / name).stat().st_size))
-    return dataclasses.replace(report, rows=tuple(rows), histories={})
+    renamed = {Path(src).resolve(): name for src, name in ((sources.tflite, "model.tflite"), *((f, f.name) for f in sources.onnx))}
+    focus = next((renamed[p] for p, r in by_path.items() if r.name == report.focus and p in renamed), report.focus)
+    return dataclasses.replace(report, rows=tuple(rows), histories={}, focus=focus)
 
 
 # ---------------------------------------------------------------------------------------------

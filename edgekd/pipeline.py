@@ -373,6 +373,7 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, teacher: 
         return {"student": best.name, **json.loads(report.read_text()), "post_training": post_training}
     if on_stage:
         on_stage(f"deploy {best.name}: export and int8 quantization ({', '.join(deploy.formats)})")
+    (out / "stamp.json").unlink(missing_ok=True)  # until this deploy finishes, nothing in out/ is "done before"
     settings = dict(data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
                     max_drop=deploy.max_drop, target=deploy.target, out_dir=out)
     result = quantize(ckpt, **settings)

@@ -9,14 +9,19 @@ itself), at a low learning rate; the epoch kept is chosen on the validation spli
 
 What is simulated is what the int8 converters do to the exported graph (``edgekd.quantize``):
 
-- weights: symmetric int8 per output channel, range [-127, 127], on the weight the converter sees.
-  A convolution followed by batch norm is folded first (``w * gamma / sigma``), so the grid applies
-  to the folded weight; batch-norm statistics and affine parameters are frozen so the fold is fixed.
+- weights: symmetric int8 per output channel, range [-127, 127] ([-64, 64] for onnxruntime's
+  reduced range, ``--target x86``). The converter quantizes the weight after batch norm is folded
+  into it (``w * gamma / sigma``), a per-output-channel factor: a symmetric per-channel grid scales
+  with it, so a weight on the grid stays on the grid and batch norm needs no simulation (it is
+  frozen all the same: the statistics the file will carry are the ones QAT saw). What does move the
+  grid is a per-*input*-channel factor: export folds the input normalization (``1 / std`` per colour
+  channel) into the first convolution, so that layer is rounded with it applied.
 - activations: the input of every convolution and linear layer, asymmetric 8-bit per tensor, its
   range a running min/max of the training batches (the converters calibrate min/max too).
 
-The result is an ordinary checkpoint of the same architecture whose folded weights lie on the int8
-grid. ``edgekd.quantize`` converts it like any other file (its calibration measures the activation
+The result is an ordinary checkpoint of the same architecture whose weights lie on the int8 grid
+as the converter will see them (exactly for RGB models; a grayscale model's first layer becomes
+three luma-weighted copies in the file, which no single grid fits). ``edgekd.quantize`` converts it like any other file (its calibration measures the activation
 ranges again), so the int8 files, their proofs and the accuracy gate are the same code.
 
 We write the fake quantization ourselves, on PyTorch's ``fake_quantize_*`` operators and
@@ -59,6 +64,9 @@ class QATSettings:
     # False: the same fine-tune without fake quantization, the control a QAT gain is measured against
     # (extra epochs with a teacher can lift a model whether or not it sees the int8 rounding)
     fake_quant: bool = True
+    weight_qmax: int = WEIGHT_QMAX
+    # 1 / std per input channel when export folds the normalization into the first convolution
+    first_conv_in_scale: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class QATReport:
     val_acc_before: float  # fake-quantized, before fine-tuning
     val_acc_after: float  # fake-quantized, the epoch kept
     teacher: str
-    folded_batch_norms: int
+    weight_range: int  # symmetric weights in [-weight_range, weight_range]
     seconds: float
     history: tuple[dict, ...]
 
@@ -77,19 +85,20 @@ class QATReport:
 
 
 class FakeQuantWeight(nn.Module):
-    """Parametrization: the weight as the int8 converter will store it, folded scale included."""
+    """Parametrization: the weight rounded as the int8 converter will store it, symmetric per output channel,
+    after an optional per-input-channel factor (the folded input normalization) that is divided out again."""
 
-    def __init__(self, fold: torch.Tensor) -> None:
+    def __init__(self, qmax: int, in_scale: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.register_buffer("fold", fold)  # (C_out,): gamma / sigma of the following batch norm, or ones
+        self.qmax = qmax
+        self.register_buffer("in_scale", in_scale if in_scale is not None else torch.ones(0))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        folded = w * self.fold.view(shape)
-        scale = (folded.detach().abs().amax(dim=tuple(range(1, w.dim()))) / WEIGHT_QMAX).clamp_min(1e-12)
+        scaled = w * self.in_scale.view(1, -1, *([1] * (w.dim() - 2))) if self.in_scale.numel() else w
+        scale = (scaled.detach().abs().amax(dim=tuple(range(1, w.dim()))) / self.qmax).clamp_min(1e-12)
         zero = torch.zeros_like(scale, dtype=torch.int32)
-        q = torch.fake_quantize_per_channel_affine(folded, scale.float(), zero, 0, -WEIGHT_QMAX, WEIGHT_QMAX)
-        return q / self.fold.view(shape)
+        q = torch.fake_quantize_per_channel_affine(scaled, scale.float(), zero, 0, -self.qmax, self.qmax)
+        return q / self.in_scale.view(1, -1, *([1] * (w.dim() - 2))) if self.in_scale.numel() else q
 
 
 class ActivationFakeQuant:
@@ -115,51 +124,24 @@ class ActivationFakeQuant:
         return (torch.fake_quantize_per_tensor_affine(x, scale, zero, 0, ACT_LEVELS), *args[1:])
 
 
-def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, nn.BatchNorm2d]:
-    """Each convolution whose output goes straight into a batch norm, found by running ``example``
-    (works for any architecture, traceable or not)."""
-    produced: dict[int, nn.Module] = {}
-    pairs: dict[nn.Module, nn.BatchNorm2d] = {}
+def prepare(model: nn.Module, weight_qmax: int = WEIGHT_QMAX,
+            first_conv_in_scale: tuple[float, ...] | None = None) -> tuple[nn.Module, list]:
+    """A copy of ``model`` with fake-quantized weights and layer inputs, and its hook handles.
 
-    def after_conv(module, _args, out):
-        produced[id(out)] = module
-
-    def before_bn(module, args):
-        conv = produced.get(id(args[0]))
-        if conv is not None and conv.out_channels == module.num_features:
-            pairs[conv] = module
-
-    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_pre_hook(before_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return pairs
-
-
-def prepare(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list, int]:
-    """A copy of ``model`` with fake-quantized weights and layer inputs; returns it, its hook handles and
-    how many batch norms were folded into the simulation."""
+    ``first_conv_in_scale`` applies to the first convolution taking that many channels (the one
+    ``edgekd.deployable`` folds the input normalization into)."""
     model = copy.deepcopy(model)
-    pairs = conv_bn_pairs(model, example)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     handles = []
     for m in list(model.modules()):
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
-        bn = pairs.get(m)
-        out_channels = m.weight.shape[0]
-        fold = torch.ones(out_channels)
-        if bn is not None:
-            sigma = torch.sqrt(bn.running_var + bn.eps)
-            gamma = bn.weight.detach() if bn.affine else torch.ones_like(sigma)
-            fold = gamma / sigma
-            fold = torch.where(fold.abs() < 1e-12, torch.full_like(fold, 1e-12), fold)  # a dead channel stays dead
-        parametrize.register_parametrization(m, "weight", FakeQuantWeight(fold.detach().clone()))
+        in_scale = None
+        if m is first and first_conv_in_scale is not None and m.groups == 1 and m.in_channels == len(first_conv_in_scale):
+            in_scale = torch.tensor(first_conv_in_scale, dtype=m.weight.dtype)
+        parametrize.register_parametrization(m, "weight", FakeQuantWeight(weight_qmax, in_scale))
         handles.append(m.register_forward_pre_hook(ActivationFakeQuant()))
-    return model, handles, len(pairs)
+    return model, handles
 
 
 def _freeze_batch_norm(model: nn.Module) -> None:
@@ -197,11 +179,11 @@ def finetune(model: nn.Module, meta: dict, data: ImageData, teacher: Callable[[t
     def model_input(x_unit: torch.Tensor) -> torch.Tensor:
         return (fit_input(x_unit, channels, size) - mean) / std
 
-    example = model_input(to_unit(data.train_x[:8]))
     if settings.fake_quant:
-        qmodel, handles, folded = prepare(model.cpu().eval(), example)
+        qmodel, handles = prepare(model.cpu().eval(), settings.weight_qmax, settings.first_conv_in_scale)
     else:
-        qmodel, handles, folded = copy.deepcopy(model).cpu().eval(), [], 0
+        qmodel, handles = copy.deepcopy(model).cpu().eval(), []
+    has_val = len(data.val_y) > 0  # without a validation split the last epoch is kept
     gen = torch.Generator().manual_seed(settings.seed)
     _observe(qmodel, data, model_input, settings.batch_size)  # activation ranges before the first step
     before = _val_acc(qmodel, data, model_input)
@@ -217,11 +199,11 @@ def finetune(model: nn.Module, meta: dict, data: ImageData, teacher: Callable[[t
         history.append({"epoch": epoch, "loss": loss, "val_acc": acc})
         if on_step:
             on_step("qat_epoch", epoch, settings.epochs, {"loss": loss, "val_acc": acc})
-        if acc > best_acc:
+        if acc > best_acc or not has_val:
             best_state, best_acc, best_epoch = copy.deepcopy(qmodel.state_dict()), acc, epoch
     qmodel.load_state_dict(best_state)
     baked = bake(qmodel, handles)
-    report = QATReport(settings.epochs, best_epoch, before, best_acc, teacher_name, folded,
+    report = QATReport(settings.epochs, best_epoch, before, best_acc, teacher_name, settings.weight_qmax,
                        round(time.perf_counter() - t0, 1), tuple(history))
     return baked, report
 

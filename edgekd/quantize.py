@@ -177,13 +177,15 @@ def quantize(
     net, how = deploy_net(net_model, meta)
     meta = {**meta, "normalization": how}
     inputs = _prepare_inputs(net_model, meta, data, calib)
-    qat_model, qat_report = _fine_tune(net_model, meta, checkpoint, data, qat_epochs, teacher, on_step)
+    qat_model, qat_report = _fine_tune(net_model, meta, checkpoint, data, qat_epochs, teacher, target, on_step)
     int8_net = deploy_net(qat_model, meta)[0] if qat_model is not None else net
     with staged_output(out, "quantize") as (tmp, journal):
         models = _quantize_formats(net, int8_net, inputs, tmp, formats, activation_type, io, target, max_drop, on_step)
         if qat_model is not None:
             models = [dataclasses.replace(m, choice={**m.choice, "qat": qat_report}) for m in models]
             journal.put(out / QAT_CHECKPOINT, lambda t: save_checkpoint(t, qat_model, meta, qat=qat_report))
+        else:
+            journal.remove(out / QAT_CHECKPOINT)  # an earlier --qat's checkpoint no longer made these files
         placed = [_place_pair(m, out, meta, checkpoint, journal, max_drop) for m in models]
         result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint, qat_report)
         summary = json.dumps(result_dict(result), indent=2) + "\n"
@@ -244,14 +246,17 @@ def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activa
     return models
 
 
-def _fine_tune(model, meta: dict, checkpoint: Path, data: ImageData, epochs: int, teacher, on_step):
+def _fine_tune(model, meta: dict, checkpoint: Path, data: ImageData, epochs: int, teacher, target: str, on_step):
     """The QAT-fine-tuned copy of ``model`` and its report, or (None, None) without ``epochs``."""
     if not epochs:
         return None, None
     step = on_step or (lambda _msg: None)
     fn, name = qat_teacher(model, meta, checkpoint, data, teacher)
     step(f"qat: {epochs} epoch{'s' if epochs != 1 else ''} of quantization-aware fine-tuning, taught by {name}")
-    settings = qat.QATSettings(epochs=epochs, **recorded_augmentation(checkpoint))
+    folded = meta.get("normalization") == "folded into the first convolution"
+    settings = qat.QATSettings(epochs=epochs, **recorded_augmentation(checkpoint, data),
+                               weight_qmax=64 if TARGETS[target][0] else qat.WEIGHT_QMAX,  # onnxruntime's reduced range
+                               first_conv_in_scale=tuple(1.0 / v for v in meta["std"]) if folded else None)
     progress = (lambda kind, e, n, info: step(f"qat: epoch {e}/{n}, validation {info['val_acc']:.2f}% (fake-quantized)"))
     tuned, report = qat.finetune(model, meta, data, fn, name, settings, on_step=progress)
     return tuned, report.to_dict()
@@ -266,17 +271,22 @@ def qat_teacher(model, meta: dict, checkpoint: Path, data: ImageData, teacher):
         spec = Deployable(float_model, meta["mean"], meta["std"]).eval()
         channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
         return (lambda x_unit: spec(fit_input(x_unit, channels, size))), "the float model itself"
-    loaded = load_teacher(path)
+    kd = rundir.recorded_config(checkpoint).get("kd", {})
+    loaded = load_teacher(path, input_mean=tuple(kd.get("teacher_mean", (0.0,))),
+                          input_std=tuple(kd.get("teacher_std", (1.0,))))
     if loaded.classes is not None and list(loaded.classes) != list(data.classes):
         raise EdgeKDError(f"the QAT teacher {path} knows classes {list(loaded.classes)[:5]}..., the model "
                           f"{list(data.classes)[:5]}...; give a teacher trained on the same classes")
     return loaded, str(path)
 
 
-def recorded_augmentation(checkpoint: Path) -> dict:
-    """The run's own crop and flip augmentation, for fine-tuning on the images it was trained on."""
+def recorded_augmentation(checkpoint: Path, data: ImageData) -> dict:
+    """The run's own crop and flip augmentation (its defaults where the config left them unset, as
+    ``edgekd.distill`` resolves them), for fine-tuning on the images it was trained on."""
     recipe = rundir.recorded_config(checkpoint).get("recipe", {})
-    return {k: recipe[k] for k in ("augment_pad", "augment_flip") if k in recipe}
+    pad, flip = recipe.get("augment_pad"), recipe.get("augment_flip")
+    return {"augment_pad": pad if pad is not None else data.image_size[0] // 8,
+            "augment_flip": flip if flip is not None else data.channels == 3}
 
 
 def result_dict(result: QuantizeResult) -> dict:
@@ -380,12 +390,17 @@ def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activ
     else:
         choice["why"] = "chosen by the user"
     path, fallback = _float_fallback(pre, made[best], onnx_fp32, tmp, inputs, best, reduce_range, max_drop)
+    share = onnx_int8_mac_share(path, inputs.check_x[:1].numpy(), tmp)
+    if fallback and fallback["float_layers"] and share < MIN_INT8_MAC_SHARE:
+        fallback = {**fallback, "float_layers": [], "why": f"the layers that fit max_drop would leave {100 * share:.0f}% "
+                    "of the multiply-accumulates in int8; all layers were kept int8"}
+        path = made[best]
+        share = onnx_int8_mac_share(path, inputs.check_x[:1].numpy(), tmp)
     if fallback:
         choice["float_fallback"] = fallback
     quantized, float_ops = count_onnx_ops(path)
     if quantized == 0:
         raise EdgeKDError("onnxruntime left every compute operator in float: the model was not quantized")
-    share = onnx_int8_mac_share(path, inputs.check_x[:1].numpy(), tmp)
     if share < MIN_INT8_MAC_SHARE:
         raise EdgeKDError(f"onnxruntime ran only {100 * share:.0f}% of the multiply-accumulates in int8 kernels "
                           f"(at least {100 * MIN_INT8_MAC_SHARE:.0f}% expected): the int8 model would not be int8 where it counts")

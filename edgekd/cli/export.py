@@ -105,7 +105,7 @@ def _print_choices(result) -> None:
     if result.qat:
         q = result.qat
         err.print(f"qat: {q['epochs']} epoch{'s' if q['epochs'] != 1 else ''} taught by {q['teacher']}, "
-                  f"{q['folded_batch_norms']} batch norms folded; validation (fake-quantized) {q['val_acc_before']:.2f}% -> "
+                  f"weights in [-{q['weight_range']}, {q['weight_range']}]; validation (fake-quantized) {q['val_acc_before']:.2f}% -> "
                   f"{q['val_acc_after']:.2f}% (epoch {q['best_epoch']} kept), {q['seconds']:.0f} s", highlight=False)
     for m in result.models:
         err.print(f"{m.format}: {m.choice.get('why', '')}", highlight=False)
