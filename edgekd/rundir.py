@@ -30,28 +30,20 @@ CHECKPOINT_NAMES = (BEST, LAST)
 # A training run
 
 
-def best(run: str | Path) -> Path:
-    return Path(run) / BEST
+def _entry(name: str):
+    """``f(folder) -> folder / name``: one fixed entry of a run directory."""
+
+    def path(folder: str | Path) -> Path:
+        return Path(folder) / name
+
+    path.__name__ = path.__qualname__ = name.replace(".", "_")
+    path.__doc__ = f"``FOLDER/{name}``"
+    return path
 
 
-def last(run: str | Path) -> Path:
-    return Path(run) / LAST
-
-
-def config_file(run: str | Path) -> Path:
-    return Path(run) / "config.json"
-
-
-def result_file(run: str | Path) -> Path:
-    return Path(run) / "result.json"
-
-
-def history_file(run: str | Path) -> Path:
-    return Path(run) / "history.json"
-
-
-def history_csv(run: str | Path) -> Path:
-    return Path(run) / "history.csv"
+best, last = _entry(BEST), _entry(LAST)
+config_file, result_file = _entry("config.json"), _entry("result.json")
+history_file, history_csv = _entry("history.json"), _entry("history.csv")
 
 
 def run_of(checkpoint: str | Path) -> Path:
@@ -85,24 +77,8 @@ def seed_root(out: str | Path, offset: int) -> Path:
     return Path(out) if offset == 0 else Path(out) / "seeds" / f"seed{offset}"
 
 
-def deploy_dir(out: str | Path) -> Path:
-    return Path(out) / "deploy"
-
-
-def bench_dir(out: str | Path) -> Path:
-    return Path(out) / "bench"
-
-
-def bundle_dir(out: str | Path) -> Path:
-    return Path(out) / "bundle"
-
-
-def summary_file(out: str | Path) -> Path:
-    return Path(out) / "summary.json"
-
-
-def manifest_file(out: str | Path) -> Path:
-    return Path(out) / "manifest.json"
+deploy_dir, bench_dir, bundle_dir = _entry("deploy"), _entry("bench"), _entry("bundle")
+summary_file, manifest_file = _entry("summary.json"), _entry("manifest.json")
 
 
 def is_pipeline_run(folder: str | Path) -> bool:
