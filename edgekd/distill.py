@@ -76,6 +76,7 @@ class TrainResult:
     # slow batch-norm statistics were re-estimated on training images before each evaluation
     # (recalibrate_batch_norm): the saved weights' statistics match them
     bn_recalibrated: bool = False
+    warnings: tuple[str, ...] = ()  # what the user should know about the run (divergence_warning)
 
     def summary(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "history"}
@@ -577,7 +578,8 @@ def _finish(cfg, out, loop, meta, state, train_s, cache_s, teacher_reports) -> T
     result = TrainResult(out, meta["arch"], count_params(best), state["best_val_acc"], test_acc, r.epochs,
                          state["best_epoch"], train_s, cache_s, images / train_s if train_s else 0.0,
                          str(rt.device), tuple(teacher_reports), tuple(state["history"]), data.summary,
-                         any(h.get("bn_recalibrated", False) for h in state["history"]))
+                         any(h.get("bn_recalibrated", False) for h in state["history"]),
+                         divergence_warning(state["history"], data.num_classes, bool(cfg.kd.teachers)))
     if rt.main:
         atomic_write_json(rundir.result_file(out), result.summary())
     if rt.world > 1:
@@ -585,6 +587,26 @@ def _finish(cfg, out, loop, meta, state, train_s, cache_s, teacher_reports) -> T
 
         dist.destroy_process_group()
     return result
+
+
+def divergence_warning(history, num_classes: int, distilled: bool) -> tuple[str, ...]:
+    """A run whose validation accuracy fell to less than half its earlier best (from well above chance)
+    diverged for a while, even if it recovered: say so, with what to try.
+
+    Example:
+        >>> divergence_warning([{"epoch": 1, "val_acc": 42.0}, {"epoch": 2, "val_acc": 10.3}], 10, True)[0][:46]
+        'validation accuracy fell from 42.0% (epoch 1) '
+    """
+    best, best_epoch = 0.0, 0
+    for h in history:
+        if best > 2 * 100.0 / num_classes and h["val_acc"] < best / 2:
+            hint = ("a lower kd.temperature (1 or 2: the KD term's gradient grows with T) or a lower learning rate"
+                    if distilled else "a lower learning rate or clip_grad")
+            return (f"validation accuracy fell from {best:.1f}% (epoch {best_epoch}) to {h['val_acc']:.1f}% "
+                    f"(epoch {h['epoch']}): the run diverged; try {hint}",)
+        if h["val_acc"] > best:
+            best, best_epoch = h["val_acc"], h["epoch"]
+    return ()
 
 
 def distill(cfg: DistillConfig, out_dir: str | Path, **kwargs) -> TrainResult:

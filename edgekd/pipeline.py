@@ -406,4 +406,7 @@ def _run_one(train, run_cfg, run_dir: Path, name, role, data, on_stage, on_step,
         if resume and not same:
             raise EdgeKDError(f"{run_dir} holds a run with another config; remove it or use a new --out")
         res = train(run_cfg, run_dir, resume=resume, data=data, on_step=on_step, cache_dir=cache_dir).summary()
+        for warning in res.get("warnings", ()):
+            if on_stage:
+                on_stage(f"warning: {role} {name}: {warning}")
     return RunRow(name, role, res["arch"], res["params"], res["best_val_acc"], res["test_acc"], res["train_s"], str(run_dir))

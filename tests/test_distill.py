@@ -101,3 +101,15 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert result["test_acc"] > 50 and len(json.loads((tmp_path / "ddp" / "history.json").read_text())) == 6
+
+
+def test_a_run_that_diverged_and_recovered_is_named():
+    from edgekd.distill import divergence_warning
+
+    diverged = [{"epoch": 1, "val_acc": 42.0}, {"epoch": 2, "val_acc": 10.3}, {"epoch": 10, "val_acc": 60.0}]
+    [warning] = divergence_warning(diverged, 10, distilled=True)
+    assert "fell from 42.0% (epoch 1) to 10.3% (epoch 2)" in warning and "kd.temperature" in warning
+    assert "temperature" not in divergence_warning(diverged, 10, distilled=False)[0]
+    steady = [{"epoch": 1, "val_acc": 15.0}, {"epoch": 2, "val_acc": 9.0}, {"epoch": 3, "val_acc": 50.0}]
+    assert divergence_warning(steady, 10, True) == ()  # near chance at the start is no divergence
+    assert divergence_warning([{"epoch": 1, "val_acc": 80.0}, {"epoch": 2, "val_acc": 70.0}], 10, True) == ()

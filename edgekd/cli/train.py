@@ -54,6 +54,8 @@ def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) 
     if result.teachers:
         err.print(teacher_table(result.teachers))
     err.print(train_table(result))
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(result.summary(), indent=2) + "\n")
 
