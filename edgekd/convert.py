@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -89,13 +90,24 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
     except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops
         if isinstance(exc, KeyboardInterrupt):
             raise
-        reason = first_line(exc)
         errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln][-1:]
-        raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {(errors or [reason])[0].strip()}") from None
+        reason = errors[0].strip() if errors else _tensorflow_reason(exc)
+        raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {reason}") from None
     stem = onnx_path.stem
     files = {kind: folder / f"{stem}_{kind}.tflite"
              for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
     return {k: v for k, v in files.items() if v.is_file()}
+
+
+def _tensorflow_reason(exc: BaseException) -> str:
+    """The line that says what went wrong in a TensorFlow error: its message opens with "in user code:"
+    and a traceback; the cause is the ``SomethingError: ...`` line inside and the line after it."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if re.match(r"^\w+(Error|Exception): ", line):
+            detail = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("Call arguments") else ""
+            return f"{line} {detail}".strip()[:300]
+    return first_line(exc)
 
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"

@@ -9,7 +9,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Decoded-ImageFolder caches of the tests go to a folder of this session, not the user's ~/.cache.
 import tempfile  # noqa: E402
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+
 os.environ["EDGEKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgekd-test-cache-")
+atexit.register(shutil.rmtree, os.environ["EDGEKD_CACHE_DIR"], ignore_errors=True)  # leave no litter in /tmp
 
 import numpy as np
 import pytest

@@ -338,3 +338,13 @@ def test_accuracy_aware_fallback_keeps_the_fewest_layers_in_float(tmp_path):
     # nothing to do when the drop already fits, or without a gate
     assert _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=100.0) == (full, None)
     assert _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=None) == (full, None)
+
+
+def test_a_tensorflow_error_is_reported_by_its_cause_not_its_banner():
+    from edgekd.convert import _tensorflow_reason
+
+    exc = ValueError("in user code:\n\n    File \"x.py\", line 1, in None  *\n        lambda: model(inputs)\n\n"
+                     "    ValueError: Exception encountered when calling layer 'conv_11'.\n    \n"
+                     "    Number of groups must not be 0\n\n    Call arguments received by layer 'conv_11':\n")
+    assert _tensorflow_reason(exc) == "ValueError: Exception encountered when calling layer 'conv_11'. Number of groups must not be 0"
+    assert _tensorflow_reason(RuntimeError("plain message")) == "plain message"
