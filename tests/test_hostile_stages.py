@@ -67,8 +67,8 @@ def fast_bundle(monkeypatch_module):
 
     real = pkg.write_bundle
 
-    def quick(folder, sources, names, desc, data, precision, bench_runs, bench_seconds, step):
-        return real(folder, sources, names, desc, data, precision, 3, 0.0, step)
+    def quick(folder, sources, names, desc, data, precision, plan, step):
+        return real(folder, sources, names, desc, data, precision, pkg.BenchPlan(3, 0.0, plan.report), step)
 
     monkeypatch_module.setattr(pkg, "write_bundle", quick)
 
