@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
+import warnings
 
 import numpy as np
 import torch
@@ -239,7 +240,11 @@ def _onnxruntime_forward(model: nn.Module, meta: dict, eager) -> Callable | None
 @TEACHER_LOADERS.register("torchscript")
 def _load_torchscript_teacher(path: Path, device, mean, std) -> FunctionTeacher:
     try:
-        module = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():
+            # Users' TorchScript teachers are what this loader is for; PyTorch's notice that TorchScript is
+            # deprecated is not theirs to act on here.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+            module = torch.jit.load(str(path), map_location=device).eval()
     except Exception as exc:  # noqa: BLE001
         raise EdgeKDError(f"could not load TorchScript teacher {path}: {exc}") from None
     spec = ForeignInput("NCHW", None, None, mean, std)
