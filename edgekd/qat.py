@@ -43,8 +43,8 @@ import torch.nn.utils.parametrize as parametrize
 
 from edgekd.data import ImageData, apply_augment, augment_params, to_unit
 from edgekd.errors import EdgeKDError
+from edgekd.distill import InputSpec, accuracy, predict_logits
 from edgekd.losses import distillation_loss
-from edgekd.zoo import fit_input
 
 WEIGHT_QMAX = 127  # symmetric int8 weights: [-127, 127], as onnxruntime and TFLite quantize them
 ACT_LEVELS = 255  # 8-bit activations, asymmetric
@@ -172,13 +172,7 @@ def finetune(model: nn.Module, meta: dict, data: ImageData, teacher: Callable[[t
     if settings.epochs < 1:
         raise EdgeKDError("--qat needs at least 1 epoch")
     t0 = time.perf_counter()
-    channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
-    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
-
-    def model_input(x_unit: torch.Tensor) -> torch.Tensor:
-        return (fit_input(x_unit, channels, size) - mean) / std
-
+    model_input = InputSpec(int(meta["in_channels"]), tuple(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
     if settings.fake_quant:
         qmodel, handles = prepare(model.cpu().eval(), settings.weight_qmax, settings.first_conv_in_scale)
     else:
@@ -239,10 +233,8 @@ def _observe(qmodel, data, model_input, batch_size: int) -> None:
         qmodel(model_input(to_unit(data.train_x[i:i + batch_size])))
 
 
-@torch.no_grad()
-def _val_acc(qmodel, data, model_input) -> float:
-    qmodel.eval()
-    correct = 0
-    for i in range(0, len(data.val_y), 512):
-        correct += int((qmodel(model_input(to_unit(data.val_x[i:i + 512]))).argmax(1) == data.val_y[i:i + 512]).sum())
-    return 100.0 * correct / max(1, len(data.val_y))
+def _val_acc(qmodel, data, model_input: InputSpec) -> float:
+    """Validation top-1 in percent, fake quantization on (0 without a validation split)."""
+    if len(data.val_y) == 0:
+        return 0.0
+    return accuracy(predict_logits(qmodel, data.val_x, model_input, "cpu", batch_size=512), data.val_y)
