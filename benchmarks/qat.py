@@ -59,7 +59,7 @@ def float_finetune_control(ckpt: Path, epochs: int, folder: Path):
 
     model, meta = load_model(ckpt)
     data = resolve_data(ckpt, None)
-    teacher, name = qat_teacher(model, meta, ckpt, data, None)
+    teacher, name = qat_teacher(ckpt, data, None)
     settings = qat.QATSettings(epochs=epochs, fake_quant=False, **recorded_augmentation(ckpt, data))
     tuned, _ = qat.finetune(model, meta, data, teacher, name, settings)
     folder.mkdir(parents=True)

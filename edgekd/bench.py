@@ -22,13 +22,14 @@ from typing import Callable
 import numpy as np
 
 from edgekd.checkpoint import chosen_input_size, load_model
-from edgekd.data import ImageData, load_data, to_unit
+from edgekd.data import ImageData, load_data
+from edgekd.deployable import app_pixels
 from edgekd.errors import EdgeKDError, first_line
 from edgekd.export import resolve_data
 import edgekd.rundir as rundir
 from edgekd.runtime import Loaded, load_runtime, read_sidecar, source_checkpoint, SUFFIX_FORMAT
 from edgekd.timing import LatencyStats, time_calls
-from edgekd.zoo import fit_input, model_cost
+from edgekd.zoo import model_cost
 
 SCHEMA = "edgekd.bench/1"
 
@@ -248,11 +249,7 @@ def _bench_one(spec, data, x_u8, y, threads, batch, min_runs, min_seconds, warmu
                           f"{list(data.classes)[:5]}...; pass the --data it was trained on")
     if loaded.channels not in (1, 3) or (loaded.channels == 1 and data.channels == 3):
         raise EdgeKDError(f"{spec.name} takes {loaded.channels}-channel input, the data has {data.channels} channels")
-    x = fit_input(to_unit(x_u8), loaded.channels, loaded.input_size).numpy()  # (N, C, H, W) in [0, 1]
-    if tuple(x.shape[-2:]) != tuple(x_u8.shape[-2:]):
-        # An app resizes 8-bit frames: resized pixels are rounded back to 8 bits, as package's verification
-        # feeds them (an int8 model can flip an image on a sub-8-bit difference)
-        x = np.round(x * 255.0).astype(np.float32) / 255.0
+    x = app_pixels(x_u8, loaded.channels, loaded.input_size).numpy()  # (N, C, H, W) in [0, 1]
     scores = _scores(spec, loaded, x, data.num_classes)
     pred = scores.argmax(1)
     params, macs = loaded.params, loaded.macs

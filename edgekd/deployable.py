@@ -147,10 +147,16 @@ def rgb(x: torch.Tensor) -> torch.Tensor:
 
 def model_input(meta: dict, x_u8: torch.Tensor) -> torch.Tensor:
     """uint8 images to the deployable model's input: [0, 1], the model's channels and size, NCHW."""
+    return app_pixels(x_u8, int(meta["in_channels"]), tuple(meta["input_size"]))
 
-    x = fit_input(to_unit(x_u8), int(meta["in_channels"]), tuple(meta["input_size"]))
+
+def app_pixels(x_u8: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 images as an app hands them to a model of ``channels`` and ``size``: [0, 1], NCHW. An app
+    resizes 8-bit frames, so resized pixels are rounded back to 8 bits (an int8 model can flip an
+    image on a smaller difference); bench, quantize and package's checks all see these pixels."""
+    x = fit_input(to_unit(x_u8), channels, size)
     if tuple(x.shape[-2:]) != tuple(x_u8.shape[-2:]):
-        x = torch.round(x * 255.0) / 255.0  # an app resizes 8-bit frames: resized pixels are 8-bit again (as in bench)
+        x = torch.round(x * 255.0) / 255.0
     return x
 
 

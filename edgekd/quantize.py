@@ -9,7 +9,6 @@ split through their own runtimes, next to their fp32 counterparts.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -36,7 +35,6 @@ from edgekd.runtime import count_tflite_ops, nhwc, onnx_session, run_onnx, TFLit
 import edgekd.qat as qat
 import edgekd.rundir as rundir
 from edgekd.teachers import load_teacher
-from edgekd.zoo import fit_input
 
 IO_TYPES = ("float32", "uint8", "int8")
 QAT_CHECKPOINT = "model_qat.pt"  # the QAT-fine-tuned float checkpoint the int8 files were made from
@@ -68,8 +66,6 @@ def host_target() -> str | None:
     except OSError:
         return None
     return "x86-vnni" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "x86"
-
-
 
 
 @dataclass(frozen=True)
@@ -251,7 +247,7 @@ def _fine_tune(model, meta: dict, checkpoint: Path, data: ImageData, epochs: int
     if not epochs:
         return None, None
     step = on_step or (lambda _msg: None)
-    fn, name = qat_teacher(model, meta, checkpoint, data, teacher)
+    fn, name = qat_teacher(checkpoint, data, teacher)
     step(f"qat: {epochs} epoch{'s' if epochs != 1 else ''} of quantization-aware fine-tuning, taught by {name}")
     folded = meta.get("normalization") == "folded into the first convolution"
     settings = qat.QATSettings(epochs=epochs, **recorded_augmentation(checkpoint, data),
@@ -262,16 +258,14 @@ def _fine_tune(model, meta: dict, checkpoint: Path, data: ImageData, epochs: int
     return tuned, report.to_dict()
 
 
-def qat_teacher(model, meta: dict, checkpoint: Path, data: ImageData, teacher):
-    """The teacher QAT learns from: ``teacher``, else the run's first teacher whose file exists, else the float model."""
-    recorded = [t for t in rundir.recorded_config(checkpoint).get("kd", {}).get("teachers", []) if Path(t).is_file()]
-    path = Path(teacher) if teacher else (Path(recorded[0]) if recorded else None)
-    if path is None:
-        float_model = copy.deepcopy(model).eval()
-        spec = Deployable(float_model, meta["mean"], meta["std"]).eval()
-        channels, size = int(meta["in_channels"]), tuple(meta["input_size"])
-        return (lambda x_unit: spec(fit_input(x_unit, channels, size))), "the float model itself"
+def qat_teacher(checkpoint: Path, data: ImageData, teacher):
+    """The teacher QAT learns from: ``teacher``, else the run's first teacher whose file exists, else the
+    float model itself (its own checkpoint, loaded as any edgekd teacher is); and what to call it."""
     kd = rundir.recorded_config(checkpoint).get("kd", {})
+    recorded = [Path(t) for t in kd.get("teachers", []) if Path(t).is_file()]
+    path = Path(teacher) if teacher else (recorded[0] if recorded else None)
+    if path is None:
+        return load_teacher(checkpoint), "the float model itself"
     loaded = load_teacher(path, input_mean=tuple(kd.get("teacher_mean", (0.0,))),
                           input_std=tuple(kd.get("teacher_std", (1.0,))))
     if loaded.classes is not None and list(loaded.classes) != list(data.classes):
