@@ -32,6 +32,7 @@ from edgekd.data import ImageData, apply_augment, augment_params, load_data, to_
 from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
 from edgekd.hints import CHECKPOINT_SUFFIXES, Hint, build_hint
+from edgekd.native import retained_heap
 from edgekd.teachers import FunctionTeacher, load_teacher
 from edgekd.zoo import EXTERNAL_PREFIXES, build_model, count_params, fit_input, pool_before_activation
 import edgekd.rundir as rundir
@@ -417,6 +418,7 @@ def _read_cache(path: Path, key: str) -> TeacherCache | None:
 # The run.
 
 
+@retained_heap()  # no page faults on every step's large tensors (see native.retained_heap)
 def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
           data: ImageData | None = None, on_step: OnStep | None = None,
           cache_dir: str | Path | None = None) -> TrainResult:

@@ -1,11 +1,19 @@
-"""Native libraries' own output: TensorFlow, LiteRT and MediaPipe log from C++ straight to the
-process's file descriptors, past Python's ``sys.stderr`` and past ``TF_CPP_MIN_LOG_LEVEL`` (absl's
-logger in TensorFlow 2.21 ignores it). The only way to keep their lines out of a user's terminal
-and ``--json`` output is to point the descriptors elsewhere while they run.
+"""Native code edgekd has to steer from Python.
+
+Output: TensorFlow, LiteRT and MediaPipe log from C++ straight to the process's file descriptors,
+past Python's ``sys.stderr`` and past ``TF_CPP_MIN_LOG_LEVEL`` (absl's logger in TensorFlow 2.21
+ignores it). The only way to keep their lines out of a user's terminal and ``--json`` output is to
+point the descriptors elsewhere while they run.
+
+Memory: glibc's allocator hands every buffer above its mmap threshold back to the kernel when it is
+freed, so a training step's large activations come back as fresh pages that fault in one by one
+(``retained_heap``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 import tempfile
@@ -67,3 +75,51 @@ def _redirected(fds: tuple[int, ...], target: int):
         for fd, copy in zip(fds, saved):
             os.dup2(copy, fd)
             os.close(copy)
+
+
+# glibc's mallopt parameters (malloc.h) and its defaults, restored on the way out.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_DEFAULT_BYTES = 128 * 1024
+_RETAIN_BYTES = 1 << 30
+
+
+@contextmanager
+def retained_heap():
+    """Inside the block, glibc keeps freed memory for reuse instead of returning it to the kernel.
+
+    A CPU training step allocates and frees the same large tensors every step (seed 002's teacher:
+    tens of MB per activation at batch 256). Above glibc's mmap threshold each one is a fresh
+    ``mmap`` whose pages fault in and are zeroed by the kernel, then ``munmap``-ed at free: 100k+
+    page faults a step, a quarter of the step time (``benchmarks/results/heap.md``). Raising the
+    mmap and trim thresholds keeps those buffers in the heap: the same step faults a few dozen
+    times. What PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc, without asking
+    the user to relaunch the process. On exit the glibc defaults come back and the retained memory
+    is released (``malloc_trim``); on other C libraries (macOS, musl) the block runs unchanged.
+
+    Our own: no library sets this from inside a running process.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _RETAIN_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, _RETAIN_BYTES)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_BYTES)
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The process's C library when it is glibc (the one with ``mallopt`` and ``malloc_trim``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only; musl has mallopt but not this  # noqa: B018
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None

@@ -45,6 +45,7 @@ from edgekd.data import ImageData, apply_augment, augment_params, to_unit
 from edgekd.errors import EdgeKDError
 from edgekd.distill import InputSpec, accuracy, predict_logits
 from edgekd.losses import distillation_loss
+from edgekd.native import retained_heap
 
 WEIGHT_QMAX = 127  # symmetric int8 weights: [-127, 127], as onnxruntime and TFLite quantize them
 ACT_LEVELS = 255  # 8-bit activations, asymmetric
@@ -161,6 +162,7 @@ def bake(model: nn.Module, handles: list) -> nn.Module:
     return model.eval()
 
 
+@retained_heap()  # no page faults on every step's large tensors (see native.retained_heap)
 def finetune(model: nn.Module, meta: dict, data: ImageData, teacher: Callable[[torch.Tensor], torch.Tensor],
              teacher_name: str, settings: QATSettings,
              on_step: Callable[[str, int, int, dict], None] | None = None) -> tuple[nn.Module, QATReport]:
