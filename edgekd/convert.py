@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -65,14 +66,22 @@ def _export(net: nn.Module, x: torch.Tensor, path: Path, axes, dynamo: bool) -> 
 
 
 def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None = None,
-                   io_dtype: str = "int8") -> dict[str, Path]:
-    """Convert with onnx2tf; with ``calibration`` (NHWC, [0, 1]) also write the int8 variants."""
+                   io_dtype: str = "int8", batch_size: int | None = 1) -> dict[str, Path]:
+    """Convert with onnx2tf; with ``calibration`` (NHWC, [0, 1]) also write the int8 variants.
+
+    A dynamic batch dimension is fixed to ``batch_size`` (an app's TFLite file takes one image);
+    None keeps it dynamic."""
     try:
         with quiet_native_logs():
             import onnx2tf
     except ImportError:
         raise EdgeKDError("TFLite conversion needs onnx2tf, tf_keras and TensorFlow: pip install 'edgekd[tf]'") from None
     onnx_path, folder = Path(onnx_path).resolve(), Path(folder).resolve()  # onnx2tf runs in its own cwd
+    # onnx2tf writes its simplified graph over the file it is given: it gets a copy of its own
+    private = folder.parent / "onnx2tf-input" / onnx_path.name
+    private.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, private)
+    onnx_path = private
     kwargs = {}
     if calibration is not None:
         npy = folder.parent / "calibration.npy"
@@ -82,6 +91,8 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
         kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
                       custom_input_op_name_np_data_path=[["input", str(npy), np.zeros((1, 1, 1, c)), np.ones((1, 1, 1, c))]],
                       input_quant_dtype=io_dtype, output_quant_dtype=io_dtype)
+    if batch_size and _dynamic_batch(onnx_path):
+        kwargs["batch_size"] = batch_size
     log = folder.parent / "onnx2tf.log"
     try:
         with captured_output(log), _offline_sample_data(folder.parent / "onnx2tf-cwd"):
@@ -97,6 +108,14 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
     files = {kind: folder / f"{stem}_{kind}.tflite"
              for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
     return {k: v for k, v in files.items() if v.is_file()}
+
+
+def _dynamic_batch(onnx_path: Path) -> bool:
+    """Whether the file's first input has a symbolic (or unset) batch dimension."""
+    import onnx
+
+    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")
 
 
 def _tensorflow_reason(exc: BaseException) -> str:

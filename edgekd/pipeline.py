@@ -23,6 +23,7 @@ from edgekd.files import atomic_write_json, clean_stale_temps, sha256_file
 from edgekd.bench import bench, environment, SUFFIX_FORMAT
 from edgekd.data import load_data
 from edgekd.distill import matched_scratch, same_config, train
+from edgekd.export import export
 from edgekd.package import package
 from edgekd.quantize import TARGETS, quantize, result_dict
 from edgekd.report import write_bench_report
@@ -355,8 +356,9 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
 
 
 def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, teacher: str | None, on_stage) -> dict | None:
-    """int8 ONNX/TFLite of the student with the best validation accuracy (skipped when up to date); when
-    post-training int8 misses the gate, again after quantization-aware fine-tuning taught by ``teacher``."""
+    """The student with the best validation accuracy exported (stage 2: ONNX, checked against PyTorch),
+    then that file quantized to int8 ONNX/TFLite (stage 3); skipped when up to date. When post-training
+    int8 misses the gate, quantized again after quantization-aware fine-tuning taught by ``teacher``."""
 
     students = [r for r in rows if r.role == "student"]
     if not students:
@@ -372,11 +374,12 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, teacher: 
         post_training = json.loads((out / "post_training.json").read_text()) if (out / "post_training.json").is_file() else None
         return {"student": best.name, **json.loads(report.read_text()), "post_training": post_training}
     if on_stage:
-        on_stage(f"deploy {best.name}: export and int8 quantization ({', '.join(deploy.formats)})")
+        on_stage(f"deploy {best.name}: export to ONNX, then int8 quantization ({', '.join(deploy.formats)})")
     (out / "stamp.json").unlink(missing_ok=True)  # until this deploy finishes, nothing in out/ is "done before"
+    source = export(ckpt, ("onnx",), out_dir=out, data=data).artifacts[0].path if "onnx" in deploy.formats else ckpt
     settings = dict(data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
                     max_drop=deploy.max_drop, target=deploy.target, out_dir=out)
-    result = quantize(ckpt, **settings)
+    result = quantize(source, **settings)
     post_training = None
     if not result.passed and deploy.qat_epochs:
         post_training = result_dict(result)
@@ -384,7 +387,7 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, teacher: 
             worst = max(result.models, key=lambda m: m.drop_pts)
             on_stage(f"deploy {best.name}: post-training int8 {worst.format} lost {worst.drop_pts:.2f} points; "
                      f"quantization-aware fine-tuning, {deploy.qat_epochs} epochs")
-        result = quantize(ckpt, qat_epochs=deploy.qat_epochs, teacher=teacher, **settings)
+        result = quantize(source, qat_epochs=deploy.qat_epochs, teacher=teacher, **settings)
     atomic_write_json(out / "post_training.json", post_training)  # the gate's first verdict when QAT followed, else null
     atomic_write_json(out / "stamp.json", stamp)
     return {"student": best.name, **result_dict(result), "post_training": post_training}

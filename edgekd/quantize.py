@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +143,11 @@ def quantize(
     out_dir: str | Path | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> QuantizeResult:
-    """Quantize an edgekd checkpoint (or the ``.onnx`` exported from one) to int8 and verify it.
+    """Quantize an edgekd checkpoint, or the ``.onnx`` that ``edgekd.export`` made from one, to int8 and verify it.
+
+    Given export's ``.onnx``, that file is what gets quantized (and converted to TFLite): it is
+    checked against its checkpoint first, not exported again. Given a checkpoint, it is exported
+    here first, the same way.
 
     With ``qat_epochs`` the int8 files come from a copy fine-tuned that many epochs with fake
     quantization (``edgekd.qat``), taught by ``teacher`` (default: the run's own teacher when its
@@ -166,6 +171,7 @@ def quantize(
     if target not in TARGETS:
         raise EdgeKDError(f"unknown --target {target!r}; choose from {', '.join(TARGETS)}")
     checkpoint = checkpoint_for(Path(model))
+    exported = Path(model) if Path(model).suffix == ".onnx" else None
     net_model, meta = load_model(checkpoint)
     data = resolve_data(checkpoint, data)
     out = Path(out_dir) if out_dir else rundir.export_dir(checkpoint)
@@ -176,7 +182,8 @@ def quantize(
     qat_model, qat_report = _fine_tune(net_model, meta, checkpoint, data, qat_epochs, teacher, target, on_step)
     int8_net = deploy_net(qat_model, meta)[0] if qat_model is not None else net
     with staged_output(out, "quantize") as (tmp, journal):
-        models = _quantize_formats(net, int8_net, inputs, tmp, formats, activation_type, io, target, max_drop, on_step)
+        models = _quantize_formats(net, int8_net, inputs, tmp, formats, activation_type, io, target, max_drop, on_step,
+                                   exported)
         if qat_model is not None:
             models = [dataclasses.replace(m, choice={**m.choice, "qat": qat_report}) for m in models]
             journal.put(out / QAT_CHECKPOINT, lambda t: save_checkpoint(t, qat_model, meta, qat=qat_report))
@@ -222,24 +229,40 @@ class _Inputs:
 
 
 def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activation_type, io, target, max_drop,
-                      on_step) -> list[QuantizedModel]:
-    """Every requested int8 file (from ``int8_net``) and its fp32 counterpart (from ``net``) written and
-    checked inside ``tmp``; the two networks are one and the same unless QAT fine-tuned a copy."""
+                      on_step, exported: Path | None = None) -> list[QuantizedModel]:
+    """Every requested int8 file (from ``int8_net``) and its fp32 counterpart (from ``net``, or the file
+    ``exported`` from it) written and checked inside ``tmp``; the two networks are one and the same
+    unless QAT fine-tuned a copy."""
     step = on_step or (lambda _msg: None)
     i = inputs
     models = []
-    onnx_fp32 = to_onnx(net, i.check_x, tmp / "model.onnx")
-    fp32_art = check_onnx(onnx_fp32, i.check_x, i.reference, "fp32")
+    onnx_fp32, fp32_art = _fp32_onnx(net, i, tmp, exported)
     onnx_source = onnx_fp32 if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat.onnx")
     if "onnx" in formats:
         step("onnx: static int8 quantization with onnxruntime")
         models.append(_quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, i, activation_type, target, max_drop))
     if "tflite" in formats:
         step("tflite: full-integer conversion with onnx2tf")
-        onnx_b1 = to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)  # TFLite: batch 1
+        # TFLite has batch 1: export's file is fixed to it by onnx2tf, a fresh export is made with it
+        onnx_b1 = onnx_fp32 if exported else to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)
         qat_b1 = None if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat_b1.onnx", dynamic_batch=False)
         models.append(_quantize_tflite(onnx_b1, qat_b1, tmp, i, io, target))
     return models
+
+
+def _fp32_onnx(net, inputs: _Inputs, tmp: Path, exported: Path | None) -> tuple[Path, Artifact]:
+    """The fp32 ONNX file in ``tmp`` and its check against PyTorch: a copy of ``exported`` (the user's
+    file stays where it is), or a fresh export of ``net``."""
+    if exported is None:
+        path = to_onnx(net, inputs.check_x, tmp / "model.onnx")
+        return path, check_onnx(path, inputs.check_x, inputs.reference, "fp32")
+    path = tmp / "model.onnx"
+    shutil.copyfile(exported, path)
+    try:
+        return path, check_onnx(path, inputs.check_x, inputs.reference, "fp32")
+    except EdgeKDError as exc:
+        raise EdgeKDError(f"{exported} does not compute what its checkpoint does ({exc}); export it again "
+                          "(edgekd export CHECKPOINT) or quantize the checkpoint itself") from None
 
 
 def _fine_tune(model, meta: dict, checkpoint: Path, data: ImageData, epochs: int, teacher, target: str, on_step):

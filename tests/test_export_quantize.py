@@ -348,3 +348,41 @@ def test_a_tensorflow_error_is_reported_by_its_cause_not_its_banner():
                      "    Number of groups must not be 0\n\n    Call arguments received by layer 'conv_11':\n")
     assert _tensorflow_reason(exc) == "ValueError: Exception encountered when calling layer 'conv_11'. Number of groups must not be 0"
     assert _tensorflow_reason(RuntimeError("plain message")) == "plain message"
+
+
+def test_quantize_takes_exports_onnx_file_and_leaves_it_untouched(exported, digits_model, tmp_path):
+    """Stage 3 quantizes the file stage 2 wrote (dynamic batch; onnx2tf fixes batch 1 for TFLite)."""
+    from edgekd.quantize import quantize
+
+    src = digits_model.parent / "export" / "model.onnx"
+    before = (src.read_bytes(), src.stat().st_mtime_ns)
+    res = quantize(src, calib_size=40, out_dir=tmp_path)
+    assert [m.format for m in res.models] == ["onnx", "tflite"] and res.checkpoint == digits_model.resolve()
+    assert (tmp_path / "model.onnx").read_bytes() == before[0]  # the fp32 file is export's, byte for byte
+    assert (src.read_bytes(), src.stat().st_mtime_ns) == before
+    tfl = {m.format: m for m in res.models}["tflite"]
+    assert tfl.fp32.top1_agreement == 100.0 and tfl.int8.path.name == "model_int8.tflite"
+
+
+def test_quantize_refuses_an_onnx_file_that_its_checkpoint_does_not_compute(digits_model, tmp_path):
+    import shutil
+
+    import torch
+
+    from edgekd.checkpoint import load_model, save_checkpoint
+    from edgekd.export import export
+    from edgekd.quantize import quantize
+
+    model, meta = load_model(digits_model)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(digits_model.parent / "config.json", run / "config.json")
+    save_checkpoint(run / "best.pt", model, meta)
+    onnx_file = export(run / "best.pt", ("onnx",)).artifacts[0].path
+    with torch.no_grad():  # the checkpoint moves on (trained further, say) after the export
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    save_checkpoint(run / "best.pt", model, meta)
+    with pytest.raises(EdgeKDError, match="does not compute what its checkpoint does.*export it again"):
+        quantize(onnx_file, formats=("onnx",), calib_size=20, out_dir=tmp_path / "q")
+    assert not (tmp_path / "q" / "model_int8.onnx").exists()

@@ -143,7 +143,7 @@ def test_package_refuses_batch_other_than_one(tmp_path):
 
     net = Deployable(build_model("resnet8", 3, 3, (8, 8)), [0.5] * 3, [0.25] * 3).eval()
     onnx_path = to_onnx(net, torch.rand(2, 3, 8, 8), tmp_path / "dyn.onnx")  # dynamic batch
-    tfl = onnx_to_tflite(onnx_path, tmp_path / "tf")["float32"]
+    tfl = onnx_to_tflite(onnx_path, tmp_path / "tf", batch_size=None)["float32"]
     with pytest.raises(EdgeKDError, match="needs batch 1"):
         describe_tflite(tfl)
 
