@@ -103,6 +103,8 @@ def render(raw: dict) -> str:
                      f"{med('on', 'faults_per_step'):,.0f} | {med('off', 'eval_images_per_s'):,.0f} | "
                      f"{med('on', 'eval_images_per_s'):,.0f} | {ratio('eval_images_per_s')} | "
                      f"{med('off', 'max_rss_mb'):,.0f} | {med('on', 'max_rss_mb'):,.0f} |")
+    if raw.get("note"):
+        lines += ["", raw["note"]]
     lines += ["", "off: glibc's defaults (every freed buffer above the mmap threshold goes back to the kernel, and "
               "comes back as fresh zeroed pages on the next step); on: `retained_heap`, which edgekd's training "
               "and QAT loops run inside."]

@@ -8,12 +8,18 @@ edgekd runs its library API (``edgekd.train``) with its defaults, as a user gets
 256, SGD one-cycle, crop and flip augmentation, best-epoch checkpointing, batch-norm checks),
 on the same images and epochs. ``--legacy`` adds tf_keras (Keras 2) as an extra, named row.
 
+The `distill` phase runs edgekd's default recipe length (30 epochs, ``--long-epochs``) on half the
+images, both sides the same epochs: edgekd's cached teacher views are computed once and pay off
+over the run, where the peer's Distiller runs the teacher on every batch of every epoch.
+`scratch-long` trains the student for as long, for accuracy at equal epochs at that length.
+
 Each measurement is its own process (A, B, A, B, ...: one round is every system once per phase,
 the order alternating between rounds) so that machine drift falls on both sides; the ratio is
 taken within a round, and the table gives the median over rounds. Timed: from the start of
 training to the test accuracy (validation every epoch, the teacher's cache for edgekd's
-default distillation, XLA compilation for Keras) - what a user waits for. Process start and
-data loading are not timed; both read the same uint8 arrays.
+default distillation, XLA compilation for Keras, model building on both sides) - what a user
+waits for. Process start, framework imports and data loading are not timed; both read the same
+uint8 arrays.
 
 Usage:
     python benchmarks/keras_peer.py [--rounds 3] [--images 10000] [--epochs 2] [--phases ...] [--legacy]
@@ -40,13 +46,16 @@ RUNS = ROOT / "runs" / "keras-peer"
 PHASES = {
     "teacher": ("seed002_teacher", "seed 002's teacher (1.19M params), from scratch"),
     "scratch": ("seed002_student", "seed 002's student (268k params), from scratch"),
+    "scratch-long": ("seed002_student", "seed 002's student from scratch at edgekd's default length (30 epochs): "
+                     "accuracy at equal epochs where edgekd's recipe is meant to run"),
     "distill": ("seed002_student", "distillation, whole run incl. the teacher: edgekd's default (cached teacher views) vs Keras's Distiller (teacher on every batch)"),
     "distill-online": ("seed002_student", "distillation with the teacher on every batch, both"),
     "edge_resnet_s": ("edge_resnet_s", "edgekd's default student (ResNet 32-64-112, BN), built the same in Keras"),
     "mobilenet_v2": ("torchvision:mobilenet_v2", "MobileNetV2 (torchvision's / keras.applications'), 32x32 input, "
                      "on half the images (Keras trains it at a few dozen images/s)"),
 }
-SHARE = {"mobilenet_v2": 0.5}  # share of --images a phase uses
+SHARE = {"mobilenet_v2": 0.5, "distill": 0.5}  # share of --images a phase uses
+LONG = ("scratch-long", "distill")  # phases run for --long-epochs
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,6 +90,10 @@ def job_edgekd(phase: str, data, epochs: int, seed: int, teacher: Path | None, o
         kd = KDConfig(teachers=(str(teacher),), cache_views=0 if phase == "distill-online" else 2)
     cfg = DistillConfig(model=ModelConfig(arch=PHASES[phase][0]), recipe=RecipeConfig(epochs=epochs, seed=seed), kd=kd)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=str(DATA)))
+    # torch imports its compiler stack (torch._dynamo, ~2 s here) lazily, at the first optimizer: a
+    # framework import, untimed here as TensorFlow's is on the peer's side.
+    import torch._dynamo  # noqa: F401
+
     t0 = time.perf_counter()
     result = train(cfg, out, data=data)
     seconds = time.perf_counter() - t0
@@ -143,6 +156,7 @@ def job_keras(phase: str, data, epochs: int, seed: int, teacher: Path | None, ou
     x_test, y_test = nhwc(data.test_x), data.test_y.numpy()
     keras.utils.set_random_seed(seed)
     build = keras_models(keras)[PHASES[phase][0]]
+    t0 = time.perf_counter()  # model building timed on both sides (edgekd's is inside train)
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     acc = keras.metrics.SparseCategoricalAccuracy()
     if phase.startswith("distill"):
@@ -154,7 +168,6 @@ def job_keras(phase: str, data, epochs: int, seed: int, teacher: Path | None, ou
     else:
         trainer = evaluated = build()
         trainer.compile(optimizer=keras.optimizers.Adam(1e-3), loss=ce, metrics=[acc])
-    t0 = time.perf_counter()
     hist = trainer.fit(x_train, y_train, batch_size=128, epochs=epochs, validation_data=(x_val, y_val), verbose=0)
     test_acc = 100.0 * float((evaluated.predict(x_test, batch_size=512, verbose=0).argmax(1) == y_test).mean())
     seconds = time.perf_counter() - t0
@@ -222,6 +235,7 @@ def job(args) -> None:
     else:
         row = job_keras(args.phase, data, args.epochs, args.round, teacher, out, legacy=args.who == "tf_keras")
     row["images_per_s"] = len(data.train_x) * args.epochs / row["seconds"]
+    row["epochs"], row["train_images"] = args.epochs, len(data.train_x)
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -230,8 +244,9 @@ def job(args) -> None:
 
 
 def measure(who: str, phase: str, rnd: int, args, teacher: str | None) -> dict:
+    epochs = args.long_epochs if phase in LONG else args.epochs
     cmd = [sys.executable, __file__, "job", who, phase, "--round", str(rnd), "--images", str(args.images),
-           "--epochs", str(args.epochs)] + (["--teacher", teacher] if teacher else [])
+           "--epochs", str(epochs)] + (["--teacher", teacher] if teacher else [])
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -246,7 +261,9 @@ def measure(who: str, phase: str, rnd: int, args, teacher: str | None) -> dict:
 def drive(args) -> None:
     systems = ["edgekd", "keras"] + (["tf_keras"] if args.legacy else [])
     raw = json.loads(RESULTS.with_suffix(".json").read_text()) if args.resume and RESULTS.with_suffix(".json").exists() else {}
-    raw.update({"command": "python benchmarks/keras_peer.py " + " ".join(sys.argv[1:]), "images": args.images,
+    command = "python benchmarks/keras_peer.py " + " ".join(sys.argv[1:])
+    earlier = [c for c in raw.get("command", "").split("; ") if c and c != command]  # --resume adds phases
+    raw.update({"command": "; ".join(earlier + [command]), "images": args.images,
                 "epochs": args.epochs, "machine": {"cpu": platform.processor() or platform.machine(),
                                                     "cores": os.cpu_count(), "python": platform.python_version()}})
     raw.setdefault("rounds", {})
@@ -261,19 +278,20 @@ def drive(args) -> None:
                     teacher = got.get(f"teacher/{who}", {}).get("teacher_file") if needs else None
                     got[key] = measure(who, phase, rnd, args, teacher)
                     RESULTS.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text(render(raw, args.phases, systems))
+    present = [p for p in PHASES if any(f"{p}/edgekd" in r for r in raw["rounds"].values())]  # --resume may add phases
+    RESULTS.with_suffix(".md").write_text(render(raw, present, systems))
     print(RESULTS.with_suffix(".md").read_text())
 
 
 def render(raw: dict, phases: list[str], systems: list[str]) -> str:
     rounds = list(raw["rounds"].values())
     lines = ["# edgekd vs Keras 3 (seed 004's `from tensorflow import keras`), interleaved", "",
-             f"Command: `{raw['command']}`. {raw['images']:,} CIFAR-10 training images (validation and test: "
-             f"{raw['images'] // 5:,} each), {raw['epochs']} epochs, {len(rounds)} rounds, "
+             f"Command: `{raw['command']}`. Up to {raw['images']:,} CIFAR-10 training images (validation and test: "
+             f"{raw['images'] // 5:,} each), {len(rounds)} rounds, "
              f"{raw['machine']['cores']} cores. Speed: training images x epochs / seconds from the start of training "
              "to the test accuracy. Ratio: edgekd / peer within each round, then the median.", "",
-             "| phase | peer | edgekd img/s | peer img/s | edgekd / peer (median, min-max) | test acc edgekd | test acc peer |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| phase | peer | images x epochs | edgekd img/s | peer img/s | edgekd / peer (median, min-max) | test acc edgekd | test acc peer |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     peer_names = {"keras": "Keras 3 (XLA)", "tf_keras": "tf_keras (legacy Keras 2)"}
     for phase in phases:
         for peer in systems[1:]:
@@ -286,10 +304,13 @@ def render(raw: dict, phases: list[str], systems: list[str]) -> str:
             def med(side, key):
                 return statistics.median(p[side][key] for p in pairs)
 
-            lines.append(f"| {phase} | {peer_names[peer]} | {med(0, 'images_per_s'):,.0f} | {med(1, 'images_per_s'):,.0f} | "
+            size = f"{pairs[0][0].get('train_images', raw['images']):,} x {pairs[0][0].get('epochs', raw['epochs'])}"
+            lines.append(f"| {phase} | {peer_names[peer]} | {size} | {med(0, 'images_per_s'):,.0f} | {med(1, 'images_per_s'):,.0f} | "
                          f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) | "
                          f"{statistics.mean(p[0]['test_acc'] for p in pairs):.2f} | "
                          f"{statistics.mean(p[1]['test_acc'] for p in pairs):.2f} |")
+    if raw.get("note"):
+        lines += ["", raw["note"]]
     lines += ["", "Phases:"] + [f"- `{p}`: {PHASES[p][1]}" for p in phases]
     lines += ["", "Test accuracy: mean over rounds (round r uses seed r on both sides), on the test subset, "
               "at equal epochs; edgekd's recipe (batch 256, SGD one-cycle, augmentation) differs from the "
@@ -313,6 +334,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--images", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--long-epochs", type=int, default=30,
+                    help="epochs of the `scratch-long` and `distill` phases: edgekd's default recipe length (30), "
+                         "over which its cached teacher views pay off; the peer trains as many")
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     ap.add_argument("--legacy", action="store_true", help="add tf_keras (Keras 2) as an extra row")
     ap.add_argument("--out", help="results path without suffix (default benchmarks/results/keras_peer)")

@@ -109,12 +109,24 @@ def block_speed() -> str:
             phase, side = key.split("/")
             if side == "edgekd" and f"{phase}/keras" in rnd:
                 ratios.setdefault(phase, []).append(rnd[f"{phase}/keras"]["seconds"] / v["seconds"])
-    names = {"teacher": "seed 002's teacher", "scratch": "its student", "distill": "edgekd's default distillation "
-             "against Keras's Distiller", "distill-online": "the teacher on every batch on both sides",
-             "edge_resnet_s": "`edge_resnet_s`", "mobilenet_v2": "MobileNetV2"}
-    parts = [f"**{statistics.median(r):.2f}x** on {names.get(p, p)}" for p, r in ratios.items()]
-    return (f"edgekd / Keras 3 = {', '.join(parts)} (median of {len(k['rounds'])} interleaved rounds, "
-            f"{k['images']:,} CIFAR-10 images, {k['epochs']} epochs: `{k['command']}`).")
+    names = {"teacher": "seed 002's teacher", "scratch": "its student", "scratch-long": "its student at edgekd's "
+             "default length", "distill": "edgekd's default distillation against Keras's Distiller",
+             "distill-online": "the teacher on every batch on both sides", "edge_resnet_s": "`edge_resnet_s`",
+             "mobilenet_v2": "MobileNetV2"}
+    ratios = {p: ratios[p] for p in sorted(ratios, key=lambda p: list(names).index(p) if p in names else len(names))}
+    accuracy = {p: [statistics.mean(r[f"{p}/{side}"]["test_acc"] for r in k["rounds"].values() if f"{p}/{side}" in r)
+                    for side in ("edgekd", "keras")] for p in ratios}
+    first = next(iter(k["rounds"].values()))
+
+    def size(phase):  # training images x epochs of a phase (older results recorded neither per row)
+        row = first.get(f"{phase}/edgekd", {})
+        epochs = row.get("epochs", k["epochs"])
+        acc = f", test {accuracy[phase][0]:.1f}% vs {accuracy[phase][1]:.1f}%" if epochs >= 30 else ""
+        return f"{row.get('train_images', k['images']):,} images x {epochs} epochs{acc}"
+
+    parts = [f"**{statistics.median(r):.2f}x** on {names.get(p, p)} ({size(p)})" for p, r in ratios.items()]
+    return (f"edgekd / Keras 3 = {', '.join(parts)}; median of {len(k['rounds'])} interleaved rounds on CIFAR-10: "
+            f"`{k['command']}`.")
 
 
 def _kd_line(name: str, what: str) -> str | None:

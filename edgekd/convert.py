@@ -43,7 +43,7 @@ def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = T
     try:
         _export(net, x, path, axes, dynamo=False)
         onnx.checker.check_model(str(path), full_check=True)
-        return path
+        return _record_exporter(path, "torchscript", TORCHSCRIPT_WHY)
     except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
         reason = first_line(exc)
     if importlib.util.find_spec("onnxscript") is None:
@@ -53,7 +53,31 @@ def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = T
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001
         raise EdgeKDError(f"ONNX export failed: {reason}; the torch.export-based exporter too: {first_line(exc)}") from None
+    return _record_exporter(path, "torch.export", f"the TorchScript-based exporter failed: {reason}")
+
+
+TORCHSCRIPT_WHY = ("tried first: the torch.export-based exporter gave the same logits 5-20x slower "
+                   "(benchmarks/results/onnx_exporters.md)")
+EXPORTER_KEYS = ("edgekd.exporter", "edgekd.exporter_why")  # metadata_props of every exported file
+
+
+def _record_exporter(path: Path, exporter: str, why: str) -> Path:
+    """Write which exporter made the file, and why that one, into its metadata (export's sidecar shows it)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        EXPORTER_KEYS[0]: exporter, EXPORTER_KEYS[1]: why})
+    onnx.save(model, str(path))
     return path
+
+
+def recorded_exporter(path: Path) -> dict[str, str]:
+    """``{"exporter": ..., "exporter_why": ...}`` from a file ``to_onnx`` wrote; empty for other files."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {k.split(".", 1)[1]: props[k] for k in EXPORTER_KEYS if k in props}
 
 
 def _export(net: nn.Module, x: torch.Tensor, path: Path, axes, dynamo: bool) -> None:
@@ -95,7 +119,9 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
         kwargs["batch_size"] = batch_size
     log = folder.parent / "onnx2tf.log"
     try:
-        with captured_output(log), _offline_sample_data(folder.parent / "onnx2tf-cwd"):
+        with captured_output(log), _offline_sample_data(folder.parent / "onnx2tf-cwd"), warnings.catch_warnings():
+            # TensorFlow's int8 converter builds the interpreter it deprecated itself; not the user's concern
+            warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated", category=UserWarning)
             onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(folder), non_verbose=True,
                             copy_onnx_input_output_names_to_tflite=True, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops

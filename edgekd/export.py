@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from edgekd.checkpoint import load_model
-from edgekd.convert import onnx_to_tflite, to_onnx
+from edgekd.convert import onnx_to_tflite, recorded_exporter, to_onnx
 from edgekd.data import ImageData, load_data
 from edgekd.deployable import Deployable, deploy_net, model_input, preprocessing, rgb
 from edgekd.errors import EdgeKDError
@@ -139,7 +139,8 @@ def check_onnx(path: Path, x: torch.Tensor, reference: np.ndarray, precision: st
     diff, agree = _compare(out, reference)
     if precision == "fp32" and agree < 100.0:
         raise EdgeKDError(f"ONNX model disagrees with PyTorch on top-1 for {100 - agree:.1f}% of samples (max |diff| {diff:.2e})")
-    return Artifact(path, "onnx", precision, "onnxruntime", path.stat().st_size, "NCHW", "float32", diff, agree, len(x))
+    return Artifact(path, "onnx", precision, "onnxruntime", path.stat().st_size, "NCHW", "float32", diff, agree, len(x),
+                    recorded_exporter(path) if precision == "fp32" else {})
 
 
 def check_tflite(path: Path, x: torch.Tensor, reference: np.ndarray, precision: str) -> Artifact:

@@ -34,6 +34,11 @@ def test_onnx_and_tflite_match_pytorch(exported, digits_model):
     assert not list((digits_model.parent / "export").glob(".*"))  # no temporary leftovers
 
 
+def test_onnx_sidecar_names_the_exporter_and_why(exported, digits_model):
+    sidecar = json.loads((digits_model.parent / "export" / "model.onnx.json").read_text())
+    assert sidecar["exporter"] == "torchscript" and "onnx_exporters.md" in sidecar["exporter_why"]
+
+
 def test_onnx_has_dynamic_batch_and_named_io(exported):
     import onnx
 
@@ -277,7 +282,7 @@ def test_onnx_export_passes_on_no_warning(tmp_path):
 def test_onnx_export_falls_back_to_the_torch_export_based_exporter(tmp_path, monkeypatch):
     import importlib.util
 
-    from edgekd.convert import to_onnx
+    from edgekd.convert import recorded_exporter, to_onnx
 
     real, calls = torch.onnx.export, []
 
@@ -290,8 +295,10 @@ def test_onnx_export_falls_back_to_the_torch_export_based_exporter(tmp_path, mon
     monkeypatch.setattr(torch.onnx, "export", torchscript_gone)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "onnxscript" else find_spec(name, *a))
-    assert to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx").is_file()
+    path = to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
     assert calls == [False, True]
+    assert recorded_exporter(path) == {"exporter": "torch.export",
+                                       "exporter_why": "the TorchScript-based exporter failed: TorchScript-based export was removed"}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
     with pytest.raises(EdgeKDError, match="ONNX export failed: TorchScript-based export was removed$"):
         to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "n.onnx")
