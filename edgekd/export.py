@@ -8,6 +8,7 @@ and only then renamed into place with a ``.json`` sidecar describing its input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from edgekd.checkpoint import load_model
-from edgekd.convert import onnx_to_tflite, recorded_exporter, to_onnx
+from edgekd.convert import litert_torch_installed, onnx_to_tflite, recorded_exporter, to_onnx, torch_to_tflite
 from edgekd.data import ImageData, load_data
 from edgekd.deployable import Deployable, deploy_net, model_input, preprocessing, rgb
 from edgekd.errors import EdgeKDError
@@ -115,11 +116,30 @@ def _export_checked(net, x, reference, formats, fp16, tmp, how, on_step) -> list
     onnx_art = check_onnx(to_onnx(net, x, tmp / "model.onnx"), x, reference, "fp32")
     checked = [("model.onnx", onnx_art)] if "onnx" in formats else []
     if "tflite" in formats:
-        step("tflite: converting with onnx2tf and checking with LiteRT")
-        files = onnx_to_tflite(to_onnx(net, x, tmp / "model_b1.onnx", dynamic_batch=False), tmp / "tf")
-        wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])
-        checked += [(f"model_{p}.tflite", check_tflite(path, x, reference, p)) for p, path in wanted]
+        checked += _tflite_checked(net, x, reference, fp16, tmp, step)
     return checked
+
+
+def _tflite_checked(net, x, reference, fp16, tmp, step) -> list[tuple[str, Artifact]]:
+    """TFLite through onnx2tf; where onnx2tf fails and litert-torch is installed, fp32 through litert-torch
+    (which makes no fp16 file). Each file's sidecar names its converter, and why."""
+    step("tflite: converting with onnx2tf and checking with LiteRT")
+    try:
+        files = onnx_to_tflite(to_onnx(net, x, tmp / "model_b1.onnx", dynamic_batch=False), tmp / "tf")
+    except EdgeKDError as exc:
+        if not litert_torch_installed():
+            raise
+        step(f"tflite: {exc}; converting with litert-torch instead")
+        art = check_tflite(torch_to_tflite(net, x, tmp / "model_litert.tflite"), x, reference, "fp32")
+        why = f"onnx2tf failed: {exc}" + ("; litert-torch makes no fp16 file" if fp16 else "")
+        return [("model_fp32.tflite", _converted_by(art, "litert-torch", why))]
+    wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])
+    return [(f"model_{p}.tflite", _converted_by(check_tflite(path, x, reference, p), "onnx2tf", "tried first"))
+            for p, path in wanted]
+
+
+def _converted_by(art: Artifact, converter: str, why: str) -> Artifact:
+    return dataclasses.replace(art, extra={**art.extra, "converter": converter, "converter_why": why})
 
 
 def check_samples(data: ImageData, n: int) -> torch.Tensor:

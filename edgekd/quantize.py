@@ -29,7 +29,7 @@ from edgekd.files import read_json, staged_output
 from edgekd.timing import time_calls
 from edgekd.data import ImageData
 from edgekd.errors import EdgeKDError
-from edgekd.convert import onnx_to_tflite, to_onnx
+from edgekd.convert import litert_torch_installed, onnx_to_tflite, to_onnx, torch_to_tflite, torch_to_tflite_int8
 from edgekd.deployable import Deployable, deploy_net, model_input, rgb
 from edgekd.export import Artifact, place_checked, check_onnx, check_samples, check_tflite, resolve_data
 from edgekd.runtime import count_tflite_ops, nhwc, onnx_session, run_onnx, TFLiteRunner, tflite_int8_mac_share
@@ -246,7 +246,7 @@ def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activa
         # TFLite has batch 1: export's file is fixed to it by onnx2tf, a fresh export is made with it
         onnx_b1 = onnx_fp32 if exported else to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)
         qat_b1 = None if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat_b1.onnx", dynamic_batch=False)
-        models.append(_quantize_tflite(onnx_b1, qat_b1, tmp, i, io, target))
+        models.append(_quantize_tflite(onnx_b1, qat_b1, tmp, i, io, target, (net, int8_net)))
     return models
 
 
@@ -569,19 +569,26 @@ def onnx_latency_ms(path: Path, runs: int = 200) -> float:
 # TFLite
 
 
-def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target):
-    """int8 from ``onnx_qat`` when QAT made one, else from ``onnx_fp32``; the fp32 file always from ``onnx_fp32``."""
+def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets):
+    """int8 from ``onnx_qat`` when QAT made one, else from ``onnx_fp32``; the fp32 file always from ``onnx_fp32``.
+    Where onnx2tf fails, litert-torch is installed and int8 I/O is asked for, both from ``nets`` (fp32, int8
+    source) through litert-torch."""
     i = inputs
-    calibration, io_dtype = nhwc(i.calib_x), "int8" if io == "float32" else io
-    files = onnx_to_tflite(onnx_fp32, tmp / "tf", calibration=None if onnx_qat else calibration, io_dtype=io_dtype)
-    if onnx_qat is not None:
-        qat_files = onnx_to_tflite(onnx_qat, tmp / "tf-qat", calibration=calibration, io_dtype=io_dtype)
-        files = {**{k: v for k, v in qat_files.items() if k in ("integer_quant", "full_integer_quant")},
-                 "float32": files["float32"]}
     key = "integer_quant" if io == "float32" else "full_integer_quant"
+    try:
+        files, converter = _onnx2tf_files(onnx_fp32, onnx_qat, tmp, i, io), {"converter": "onnx2tf"}
+    except EdgeKDError as exc:
+        if not litert_torch_installed():
+            raise
+        files = {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
+                 key: torch_to_tflite_int8(nets[1], nhwc_tensor(i.calib_x), tmp / "model_litert_int8.tflite")}
+        _check_litert_io(files[key], io, exc)
+        converter = {"converter": "litert-torch (PT2E static int8, symmetric per-channel weights)",
+                     "converter_why": f"onnx2tf failed: {exc}"}
     if key not in files or "float32" not in files:
         raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")
     fp32_art = check_tflite(files["float32"], i.check_x, i.reference, "fp32")
+    fp32_art = dataclasses.replace(fp32_art, extra={**fp32_art.extra, **converter})
     art = check_tflite(files[key], i.check_x, i.reference, "int8")
     runner = TFLiteRunner(files[key])  # loaded once: the op count, the MAC share and the test split
     quantized, float_ops = count_tflite_ops(runner)
@@ -597,8 +604,32 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target):
     # are built for it), so the target is recorded, not applied.
     choice = {"io": io, "activations": "int8", "weights": "int8 per-channel", "target": target, "reduce_range": False,
               "why": "float32 I/O loads in MediaPipe and the TFLite Task Library, which refuse int8 input tensors"
-              if io == "float32" else f"{io} input and output tensors were asked for"}
+              if io == "float32" else f"{io} input and output tensors were asked for", **converter}
     return QuantizedModel("tflite", fp32_art, art, fp32_acc, int8_acc, quantized, float_ops, choice, share)
+
+
+def _check_litert_io(int8_file: Path, io: str, onnx2tf_error: EdgeKDError) -> None:
+    """litert-torch folds the boundary quantization into the input tensor where the first layer is
+    quantized: the file's input type is the converter's choice, so it is checked against ``io``."""
+    got = TFLiteRunner(int8_file).input_dtype
+    if got != io:
+        hint = " (MediaPipe and the TFLite Task Library refuse int8 input)" if got == "int8" else ""
+        raise EdgeKDError(f"{onnx2tf_error}; litert-torch made this int8 file with {got} input, not {io}: "
+                          f"quantize with --io {got}{hint}")
+
+
+def _onnx2tf_files(onnx_fp32, onnx_qat, tmp, i: _Inputs, io) -> dict[str, Path]:
+    calibration, io_dtype = nhwc(i.calib_x), "int8" if io == "float32" else io
+    files = onnx_to_tflite(onnx_fp32, tmp / "tf", calibration=None if onnx_qat else calibration, io_dtype=io_dtype)
+    if onnx_qat is not None:
+        qat_files = onnx_to_tflite(onnx_qat, tmp / "tf-qat", calibration=calibration, io_dtype=io_dtype)
+        files = {**{k: v for k, v in qat_files.items() if k in ("integer_quant", "full_integer_quant")},
+                 "float32": files["float32"]}
+    return files
+
+
+def nhwc_tensor(x_nchw: torch.Tensor) -> torch.Tensor:
+    return x_nchw.permute(0, 2, 3, 1).contiguous()  # (N, C, H, W) -> (N, H, W, C)
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:

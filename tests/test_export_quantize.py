@@ -393,3 +393,82 @@ def test_quantize_refuses_an_onnx_file_that_its_checkpoint_does_not_compute(digi
     with pytest.raises(EdgeKDError, match="does not compute what its checkpoint does.*export it again"):
         quantize(onnx_file, formats=("onnx",), calib_size=20, out_dir=tmp_path / "q")
     assert not (tmp_path / "q" / "model_int8.onnx").exists()
+
+
+def test_tflite_export_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model, tmp_path, monkeypatch):
+    """The fallback's choice and record; the conversion itself is stood in for by onnx2tf's fp32 file."""
+    export_mod = importlib.import_module("edgekd.export")  # the package's `export` attribute is the function
+    from edgekd.convert import onnx_to_tflite, to_onnx
+
+    def onnx2tf_fails(*args, **kwargs):
+        raise EdgeKDError("TFLite conversion (onnx2tf) failed: ValueError: channel shuffle")
+
+    def litert_stand_in(net, x, path):
+        onnx_file = to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False)
+        return onnx_to_tflite(onnx_file, path.parent / "stand-in")["float32"]
+
+    monkeypatch.setattr(export_mod, "onnx_to_tflite", onnx2tf_fails)
+    monkeypatch.setattr(export_mod, "torch_to_tflite", litert_stand_in)
+    monkeypatch.setattr(export_mod, "litert_torch_installed", lambda: False)
+    with pytest.raises(EdgeKDError, match="onnx2tf.*channel shuffle"):  # without litert-torch: onnx2tf's error
+        export_mod.export(digits_model, ("tflite",), out_dir=tmp_path / "a")
+    monkeypatch.setattr(export_mod, "litert_torch_installed", lambda: True)
+    res = export_mod.export(digits_model, ("tflite",), fp16=True, out_dir=tmp_path / "b")
+    assert [a.path.name for a in res.artifacts] == ["model_fp32.tflite"] and res.artifacts[0].top1_agreement == 100.0
+    sidecar = json.loads((tmp_path / "b" / "model_fp32.tflite.json").read_text())
+    assert sidecar["converter"] == "litert-torch"
+    assert sidecar["converter_why"] == ("onnx2tf failed: TFLite conversion (onnx2tf) failed: ValueError: channel shuffle; "
+                                       "litert-torch makes no fp16 file")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None, reason="litert-torch is an optional extra")
+def test_litert_torch_converts_with_nhwc_input_and_parity(tmp_path):
+    from edgekd.convert import torch_to_tflite, torch_to_tflite_int8
+    from edgekd.deployable import Deployable
+    from edgekd.export import check_tflite
+    from edgekd.runtime import TFLiteRunner, count_tflite_ops, tflite_int8_mac_share
+    from edgekd.zoo import build_model
+
+    net = Deployable(build_model("torchvision:shufflenet_v2_x0_5", 4, 3, (32, 32)), [0.5] * 3, [0.25] * 3).eval()
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = net(x).numpy()
+    art = check_tflite(torch_to_tflite(net, x, tmp_path / "m.tflite"), x, reference, "fp32")
+    assert art.layout == "NHWC" and art.top1_agreement == 100.0 and art.max_abs_diff < 1e-4
+    int8 = TFLiteRunner(torch_to_tflite_int8(net, x.permute(0, 2, 3, 1), tmp_path / "q.tflite"))
+    # the input type follows the first layer (here the unfolded normalization stays float): quantize checks it
+    assert int8.input_dtype in ("float32", "int8") and count_tflite_ops(int8)[0] > 0
+    assert tflite_int8_mac_share(int8) >= 0.9
+
+
+def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model, tmp_path, monkeypatch):
+    """quantize's choice and record; litert-torch's two conversions are stood in for by onnx2tf's files."""
+    quantize_mod = importlib.import_module("edgekd.quantize")
+    from edgekd.convert import onnx_to_tflite, to_onnx
+
+    def onnx2tf_fails(*args, **kwargs):
+        raise EdgeKDError("TFLite conversion (onnx2tf) failed: ValueError: channel shuffle")
+
+    def fp32_stand_in(net, x, path):
+        return onnx_to_tflite(to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False), path.parent / "f")["float32"]
+
+    def int8_stand_in(net, calibration_nhwc, path):
+        x = calibration_nhwc.permute(0, 3, 1, 2)
+        onnx_file = to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False)
+        return onnx_to_tflite(onnx_file, path.parent / "q", calibration=calibration_nhwc.numpy())["full_integer_quant"]
+
+    monkeypatch.setattr(quantize_mod, "_onnx2tf_files", onnx2tf_fails)
+    monkeypatch.setattr(quantize_mod, "torch_to_tflite", fp32_stand_in)
+    monkeypatch.setattr(quantize_mod, "torch_to_tflite_int8", int8_stand_in)
+    monkeypatch.setattr(quantize_mod, "litert_torch_installed", lambda: False)
+    with pytest.raises(EdgeKDError, match="channel shuffle"):
+        quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "a")
+    monkeypatch.setattr(quantize_mod, "litert_torch_installed", lambda: True)
+    with pytest.raises(EdgeKDError, match="channel shuffle; litert-torch made this int8 file with int8 input, not float32: "
+                                          "quantize with --io int8"):
+        quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "b")
+    res = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, io="int8", out_dir=tmp_path / "c")
+    [m] = res.models
+    assert m.choice["converter"].startswith("litert-torch") and "channel shuffle" in m.choice["converter_why"]
+    assert m.int8_mac_share >= 0.5 and m.fp32.top1_agreement == 100.0
+    assert json.loads((tmp_path / "c" / "model_fp32.tflite.json").read_text())["converter"].startswith("litert-torch")
