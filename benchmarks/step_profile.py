@@ -16,6 +16,7 @@ Results: benchmarks/results/<NAME>.json and .md (default step_profile).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from edgekd import losses
 from edgekd.data import apply_augment, augment_params, to_unit
 from edgekd.distill import GradClipper, InputSpec
+from edgekd.native import retained_heap
 from edgekd.zoo import build_model, pool_before_activation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +125,12 @@ def run_steps(parts, x_all, y_all, batch: int, steps: int, timed: bool) -> tuple
 
 
 def profile(arch: str, batch: int, steps: int, variant: str, x_all, y_all, rounds: int) -> dict:
+    """One variant's phases; inside ``retained_heap`` as edgekd's loop runs, except ``before`` and ``no_heap``."""
+    with contextlib.nullcontext() if variant in ("before", "no_heap") else retained_heap():
+        return _profile(arch, batch, steps, variant, x_all, y_all, rounds)
+
+
+def _profile(arch: str, batch: int, steps: int, variant: str, x_all, y_all, rounds: int) -> dict:
     parts = setup(arch, batch, steps, variant)
     t0 = time.perf_counter()
     run_steps(parts, x_all, y_all, batch, 3, timed=False)  # warm-up (and compilation)
@@ -153,10 +161,11 @@ def render(rows: list[dict], source: str, threads: int) -> str:
                      f"{shares} | {r['warmup_s']:.1f} |")
     lines += ["", "Phase cells: milliseconds per step (share of the timed step). `step ms` is the same steps "
               "without the clocks. Variants: `before` = edgekd's loop before this round's changes (activation "
-              "before max-pool, per-tensor optimizer, augmentation by indexing then flipping); `eager` = edgekd's default (channels-last, eager PyTorch, pool before "
-              "activation, fused optimizer); "
+              "before max-pool, per-tensor optimizer, augmentation by indexing then flipping, glibc's default heap); `no_heap` = "
+              "`eager` with glibc's default heap (edgekd's default before `native.retained_heap`); `eager` = edgekd's "
+              "default (channels-last, eager PyTorch, pool before activation, fused optimizer, `retained_heap`); "
               "`channels_first`; `compile` = `torch.compile` of the model (inductor), compilation in warm-up; "
-              "`bf16` = bf16 autocast around the forward pass (AMX on this CPU)."]
+              "`bf16` = bf16 autocast around the forward pass (AVX512-BF16; this CPU has no AMX)."]
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +174,7 @@ def main() -> None:
     ap.add_argument("--arch", nargs="+", default=["seed002_teacher", "seed002_student", "edge_resnet_s"])
     ap.add_argument("--batch", nargs="+", type=int, default=[128, 256])
     ap.add_argument("--variants", nargs="+", default=["before", "eager", "channels_first", "compile", "bf16"],
-                    choices=["before", "eager", "channels_first", "compile", "bf16"])
+                    choices=["before", "no_heap", "eager", "channels_first", "compile", "bf16"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="step_profile")
