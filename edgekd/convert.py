@@ -43,9 +43,10 @@ def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = T
     try:
         _export(net, x, path, axes, dynamo=False)
         onnx.checker.check_model(str(path), full_check=True)
-        return _record_exporter(path, "torchscript", TORCHSCRIPT_WHY)
     except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
         reason = first_line(exc)
+    else:
+        return _record_exporter(path, "torchscript", TORCHSCRIPT_WHY)
     if importlib.util.find_spec("onnxscript") is None:
         raise EdgeKDError(f"ONNX export failed: {reason}")
     try:
@@ -140,15 +141,11 @@ def torch_to_tflite(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
     """The second TFLite path: Google's litert-torch converts the PyTorch network itself (fp32, batch 1),
     wrapped so that the file takes NHWC pixels like onnx2tf's. export uses it where onnx2tf fails on an
     architecture (ShuffleNetV2's channel shuffle, benchmarks/results/arch_matrix.md)."""
-    try:
-        with quiet_native_logs():
-            import litert_torch
-    except ImportError:
-        raise EdgeKDError("the second TFLite converter needs litert-torch: pip install 'edgekd[litert]'") from None
-    wrapped = litert_torch.to_channel_last_io(net, args=[0]).eval()
+    litert_torch = _import_litert()
     sample = x[:1].permute(0, 2, 3, 1).contiguous()  # (1, C, H, W) -> (1, H, W, C)
     try:
         with captured_output(path.with_suffix(".litert.log")), quiet_native_logs():
+            wrapped = litert_torch.to_channel_last_io(net, args=[0]).eval()
             litert_torch.convert(wrapped, (sample,)).export(str(path))
     except Exception as exc:  # noqa: BLE001 - report which converter failed, not a traceback
         raise EdgeKDError(f"TFLite conversion (litert-torch) failed: {first_line(exc)}") from None
@@ -159,18 +156,15 @@ def torch_to_tflite_int8(net: nn.Module, calibration_nhwc: torch.Tensor, path: P
     """litert-torch's static int8 path (PT2E: symmetric per-channel int8 weights, int8 activations
     calibrated on ``calibration_nhwc``, [0, 1] pixels, one image at a time). Where the first layer is
     quantized, the converter folds the input's quantization into the input tensor: int8 input."""
-    try:
-        with quiet_native_logs():
-            import litert_torch
-            from litert_torch.quantize import pt2e_quantizer, quant_config
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    except ImportError:
-        raise EdgeKDError("the second TFLite converter needs litert-torch: pip install 'edgekd[litert]'") from None
-    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    litert_torch = _import_litert()
     sample = calibration_nhwc[:1].contiguous()
     try:
         with captured_output(path.with_suffix(".litert.log")), quiet_native_logs():
+            from litert_torch.quantize import pt2e_quantizer, quant_config
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+                pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
             graph = torch.export.export(litert_torch.to_channel_last_io(net, args=[0]).eval(), (sample,)).module()
             graph = prepare_pt2e(graph, quantizer)
             with torch.no_grad():
@@ -182,6 +176,17 @@ def torch_to_tflite_int8(net: nn.Module, calibration_nhwc: torch.Tensor, path: P
     except Exception as exc:  # noqa: BLE001
         raise EdgeKDError(f"int8 TFLite conversion (litert-torch) failed: {first_line(exc)}") from None
     return path
+
+
+def _import_litert():
+    try:
+        with quiet_native_logs():
+            import litert_torch
+    except ImportError:
+        raise EdgeKDError("the second TFLite converter needs litert-torch: pip install 'edgekd[litert]'") from None
+    except Exception as exc:  # noqa: BLE001 - a broken install says so in one line
+        raise EdgeKDError(f"litert-torch is installed but does not load: {first_line(exc)}") from None
+    return litert_torch
 
 
 def litert_torch_installed() -> bool:

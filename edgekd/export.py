@@ -129,8 +129,11 @@ def _tflite_checked(net, x, reference, fp16, tmp, step) -> list[tuple[str, Artif
     except EdgeKDError as exc:
         if not litert_torch_installed():
             raise
-        step(f"tflite: {exc}; converting with litert-torch instead")
-        art = check_tflite(torch_to_tflite(net, x, tmp / "model_litert.tflite"), x, reference, "fp32")
+        step(f"tflite: {exc}; converting with litert-torch instead" + (" (fp32 only: it makes no fp16 file)" if fp16 else ""))
+        try:
+            art = check_tflite(torch_to_tflite(net, x, tmp / "model_litert.tflite"), x, reference, "fp32")
+        except EdgeKDError as fallback:
+            raise EdgeKDError(f"{exc}; the litert-torch fallback too: {fallback}") from None
         why = f"onnx2tf failed: {exc}" + ("; litert-torch makes no fp16 file" if fp16 else "")
         return [("model_fp32.tflite", _converted_by(art, "litert-torch", why))]
     wanted = [("fp32", files["float32"])] + ([("fp16", files["float16"])] if fp16 else [])

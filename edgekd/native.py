@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import tempfile
@@ -77,10 +78,12 @@ def _redirected(fds: tuple[int, ...], target: int):
             os.close(copy)
 
 
-# glibc's mallopt parameters (malloc.h) and its defaults, restored on the way out.
+# glibc's mallopt parameters (malloc.h). On the way out the thresholds go to where glibc's own dynamic
+# adjustment settles for large buffers (mmap threshold at most 32 MiB, trim threshold twice that).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULT_BYTES = 128 * 1024
+_SETTLED_MMAP_BYTES, _SETTLED_TRIM_BYTES = 32 << 20, 64 << 20
 _RETAIN_BYTES = 1 << 30
+_USER_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 @contextmanager
@@ -93,25 +96,28 @@ def retained_heap():
     page faults a step, a quarter of the step time (``benchmarks/results/heap.md``). Raising the
     mmap and trim thresholds keeps those buffers in the heap: the same step faults a few dozen
     times. What PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc, without asking
-    the user to relaunch the process. On exit the glibc defaults come back and the retained memory
-    is released (``malloc_trim``); on other C libraries (macOS, musl) the block runs unchanged.
+    the user to relaunch the process. The setting is process-wide while the block runs. On exit the
+    thresholds go to the values glibc's dynamic adjustment settles at for large buffers (32 MiB and
+    64 MiB; after any mallopt call glibc no longer adjusts them itself) and the retained memory is
+    released (``malloc_trim``). Nothing changes where the user tuned glibc's allocator
+    (``GLIBC_TUNABLES``, ``MALLOC_*_``), or on other C libraries (macOS, musl).
 
     Our own: no library sets this from inside a running process.
     """
     libc = _glibc()
-    if libc is None:
+    if libc is None or any(v in os.environ for v in _USER_SETTINGS) or not (
+            libc.mallopt(_M_MMAP_THRESHOLD, _RETAIN_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, _RETAIN_BYTES)):
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, _RETAIN_BYTES)
-    libc.mallopt(_M_TRIM_THRESHOLD, _RETAIN_BYTES)
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_BYTES)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_BYTES)
+        libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_BYTES)
         libc.malloc_trim(0)
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     """The process's C library when it is glibc (the one with ``mallopt`` and ``malloc_trim``), else None."""
     if not sys.platform.startswith("linux"):

@@ -28,7 +28,7 @@ from edgekd.checkpoint import load_model, save_checkpoint
 from edgekd.files import read_json, staged_output
 from edgekd.timing import time_calls
 from edgekd.data import ImageData
-from edgekd.errors import EdgeKDError
+from edgekd.errors import EdgeKDError, first_line
 from edgekd.convert import litert_torch_installed, onnx_to_tflite, to_onnx, torch_to_tflite, torch_to_tflite_int8
 from edgekd.deployable import Deployable, deploy_net, model_input, rgb
 from edgekd.export import Artifact, place_checked, check_onnx, check_samples, check_tflite, resolve_data
@@ -189,18 +189,24 @@ def quantize(
             journal.put(out / QAT_CHECKPOINT, lambda t: save_checkpoint(t, qat_model, meta, qat=qat_report))
         else:
             journal.remove(out / QAT_CHECKPOINT)  # an earlier --qat's checkpoint no longer made these files
-        placed = [_place_pair(m, out, meta, checkpoint, journal, max_drop) for m in models]
+        kept = exported if exported and (out / FILE_NAMES["onnx"][0]).resolve() == exported.resolve() else None
+        placed = [_place_pair(m, out, meta, checkpoint, journal, max_drop, kept) for m in models]
         result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint, qat_report)
         summary = json.dumps(result_dict(result), indent=2) + "\n"
         journal.put(out / "quantize.json", lambda t: t.write_text(summary))
     return result
 
 
-def _place_pair(m: QuantizedModel, out: Path, meta: dict, checkpoint: Path, journal, max_drop) -> QuantizedModel:
-    """The fp32 and int8 files of one format moved into ``out`` with their sidecars; the int8 one marked by the gate."""
+def _place_pair(m: QuantizedModel, out: Path, meta: dict, checkpoint: Path, journal, max_drop,
+                kept: Path | None = None) -> QuantizedModel:
+    """The fp32 and int8 files of one format moved into ``out`` with their sidecars; the int8 one marked by the gate.
+    ``kept``: export's ONNX file that was quantized, already in place; it and its sidecar stay as they are."""
     status = "ok" if max_drop is None or m.drop_pts <= max_drop else "failed"
     fp32_name, int8_name = FILE_NAMES[m.format]
-    fp32 = place_checked(m.fp32, out / fp32_name, meta, checkpoint, journal)
+    if m.format == "onnx" and kept is not None:
+        fp32 = dataclasses.replace(m.fp32, path=kept)
+    else:
+        fp32 = place_checked(m.fp32, out / fp32_name, meta, checkpoint, journal)
     int8 = place_checked(m.int8, out / int8_name, meta, checkpoint, journal, status, {"quantization_choice": m.choice})
     return dataclasses.replace(m, fp32=fp32, int8=int8)
 
@@ -260,9 +266,9 @@ def _fp32_onnx(net, inputs: _Inputs, tmp: Path, exported: Path | None) -> tuple[
     shutil.copyfile(exported, path)
     try:
         return path, check_onnx(path, inputs.check_x, inputs.reference, "fp32")
-    except EdgeKDError as exc:
-        raise EdgeKDError(f"{exported} does not compute what its checkpoint does ({exc}); export it again "
-                          "(edgekd export CHECKPOINT) or quantize the checkpoint itself") from None
+    except Exception as exc:  # noqa: BLE001 - a mismatch, or a file that does not take the model's input
+        raise EdgeKDError(f"{exported} does not compute what its checkpoint does ({first_line(exc)}); export it "
+                          "again (edgekd export CHECKPOINT) or quantize the checkpoint itself") from None
 
 
 def _fine_tune(model, meta: dict, checkpoint: Path, data: ImageData, epochs: int, teacher, target: str, on_step):
@@ -341,7 +347,11 @@ def checkpoint_for(model: Path) -> Path:
 def _sidecar_checkpoint(onnx_file: Path) -> Path:
     """The checkpoint named by ``<file>.json`` (``source_checkpoint``, relative to the file's folder)."""
     side = onnx_file.with_name(onnx_file.name + ".json")
-    named = read_json(side).get("source_checkpoint")
+    sidecar = read_json(side)
+    named = sidecar.get("source_checkpoint")
+    if named and sidecar.get("precision") not in (None, "fp32"):
+        raise EdgeKDError(f"{onnx_file} is already {sidecar['precision']}; give the fp32 model.onnx that edgekd export "
+                          "wrote, or the checkpoint")
     if not named:
         raise EdgeKDError(f"{onnx_file} has no edgekd sidecar ({side.name}) naming the checkpoint it was exported "
                           "from; pass that checkpoint instead: edgekd quantize path/to/best.pt")
@@ -571,8 +581,8 @@ def onnx_latency_ms(path: Path, runs: int = 200) -> float:
 
 def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets):
     """int8 from ``onnx_qat`` when QAT made one, else from ``onnx_fp32``; the fp32 file always from ``onnx_fp32``.
-    Where onnx2tf fails, litert-torch is installed and int8 I/O is asked for, both from ``nets`` (fp32, int8
-    source) through litert-torch."""
+    Where onnx2tf fails and litert-torch is installed, both from ``nets`` (fp32, int8 source) through
+    litert-torch, kept when the input and output types it chose are ``io``'s."""
     i = inputs
     key = "integer_quant" if io == "float32" else "full_integer_quant"
     try:
@@ -580,8 +590,11 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
     except EdgeKDError as exc:
         if not litert_torch_installed():
             raise
-        files = {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
-                 key: torch_to_tflite_int8(nets[1], nhwc_tensor(i.calib_x), tmp / "model_litert_int8.tflite")}
+        try:
+            files = {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
+                     key: torch_to_tflite_int8(nets[1], nhwc_tensor(i.calib_x), tmp / "model_litert_int8.tflite")}
+        except EdgeKDError as fallback:
+            raise EdgeKDError(f"{exc}; the litert-torch fallback too: {fallback}") from None
         _check_litert_io(files[key], io, exc)
         converter = {"converter": "litert-torch (PT2E static int8, symmetric per-channel weights)",
                      "converter_why": f"onnx2tf failed: {exc}"}
@@ -611,8 +624,9 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
 def _check_litert_io(int8_file: Path, io: str, onnx2tf_error: EdgeKDError) -> None:
     """litert-torch folds the boundary quantization into the input tensor where the first layer is
     quantized: the file's input type is the converter's choice, so it is checked against ``io``."""
-    got = TFLiteRunner(int8_file).input_dtype
-    if got != io:
+    runner = TFLiteRunner(int8_file)
+    got = runner.input_dtype
+    if got != io or np.dtype(runner.out["dtype"]).name != got:
         hint = " (MediaPipe and the TFLite Task Library refuse int8 input)" if got == "int8" else ""
         raise EdgeKDError(f"{onnx2tf_error}; litert-torch made this int8 file with {got} input, not {io}: "
                           f"quantize with --io {got}{hint}")

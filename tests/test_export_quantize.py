@@ -369,6 +369,14 @@ def test_quantize_takes_exports_onnx_file_and_leaves_it_untouched(exported, digi
     assert (src.read_bytes(), src.stat().st_mtime_ns) == before
     tfl = {m.format: m for m in res.models}["tflite"]
     assert tfl.fp32.top1_agreement == 100.0 and tfl.int8.path.name == "model_int8.tflite"
+    # into export's own folder (the default): export's file and its sidecar stay exactly as export wrote them
+    side = src.with_name("model.onnx.json")
+    side_before = (side.read_bytes(), side.stat().st_mtime_ns)
+    res = quantize(src, formats=("onnx",), calib_size=40)
+    assert res.models[0].fp32.path == src and (src.read_bytes(), src.stat().st_mtime_ns) == before
+    assert (side.read_bytes(), side.stat().st_mtime_ns) == side_before
+    with pytest.raises(EdgeKDError, match="already int8; give the fp32 model.onnx"):
+        quantize(res.models[0].int8.path, formats=("onnx",), calib_size=40, out_dir=tmp_path / "again")
 
 
 def test_quantize_refuses_an_onnx_file_that_its_checkpoint_does_not_compute(digits_model, tmp_path):
@@ -465,7 +473,7 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
         quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "a")
     monkeypatch.setattr(quantize_mod, "litert_torch_installed", lambda: True)
     with pytest.raises(EdgeKDError, match="channel shuffle; litert-torch made this int8 file with int8 input, not float32: "
-                                          "quantize with --io int8"):
+                                          "quantize with --io int8"):  # the types litert-torch chose are checked
         quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "b")
     res = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, io="int8", out_dir=tmp_path / "c")
     [m] = res.models
