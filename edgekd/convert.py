@@ -142,7 +142,7 @@ def torch_to_tflite(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
     wrapped so that the file takes NHWC pixels like onnx2tf's. export uses it where onnx2tf fails on an
     architecture (ShuffleNetV2's channel shuffle, benchmarks/results/arch_matrix.md)."""
     litert_torch = _import_litert()
-    sample = x[:1].permute(0, 2, 3, 1).contiguous()  # (1, C, H, W) -> (1, H, W, C)
+    sample = _nhwc(x[:1])
     try:
         with captured_output(path.with_suffix(".litert.log")), quiet_native_logs():
             wrapped = litert_torch.to_channel_last_io(net, args=[0]).eval()
@@ -152,12 +152,14 @@ def torch_to_tflite(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def torch_to_tflite_int8(net: nn.Module, calibration_nhwc: torch.Tensor, path: Path) -> Path:
+def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path) -> Path:
     """litert-torch's static int8 path (PT2E: symmetric per-channel int8 weights, int8 activations
-    calibrated on ``calibration_nhwc``, [0, 1] pixels, one image at a time). Where the first layer is
-    quantized, the converter folds the input's quantization into the input tensor: int8 input."""
+    calibrated on ``calibration``, NCHW [0, 1] pixels, one image at a time), NHWC input like
+    ``torch_to_tflite``'s. Where the first layer is quantized, the converter folds the input's
+    quantization into the input tensor: int8 input."""
     litert_torch = _import_litert()
-    sample = calibration_nhwc[:1].contiguous()
+    calibration_nhwc = _nhwc(calibration)
+    sample = calibration_nhwc[:1]
     try:
         with captured_output(path.with_suffix(".litert.log")), quiet_native_logs():
             from litert_torch.quantize import pt2e_quantizer, quant_config
@@ -169,13 +171,17 @@ def torch_to_tflite_int8(net: nn.Module, calibration_nhwc: torch.Tensor, path: P
             graph = prepare_pt2e(graph, quantizer)
             with torch.no_grad():
                 for i in range(len(calibration_nhwc)):
-                    graph(calibration_nhwc[i:i + 1].contiguous())
+                    graph(calibration_nhwc[i:i + 1])
             graph = convert_pt2e(graph, fold_quantize=False)
             litert_torch.convert(graph, (sample,), quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer)
                                  ).export(str(path))
     except Exception as exc:  # noqa: BLE001
         raise EdgeKDError(f"int8 TFLite conversion (litert-torch) failed: {first_line(exc)}") from None
     return path
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
 
 
 def _import_litert():

@@ -592,7 +592,7 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
             raise
         try:
             files = {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
-                     key: torch_to_tflite_int8(nets[1], nhwc_tensor(i.calib_x), tmp / "model_litert_int8.tflite")}
+                     key: torch_to_tflite_int8(nets[1], i.calib_x, tmp / "model_litert_int8.tflite")}
         except EdgeKDError as fallback:
             raise EdgeKDError(f"{exc}; the litert-torch fallback too: {fallback}") from None
         _check_litert_io(files[key], io, exc)
@@ -640,10 +640,6 @@ def _onnx2tf_files(onnx_fp32, onnx_qat, tmp, i: _Inputs, io) -> dict[str, Path]:
         files = {**{k: v for k, v in qat_files.items() if k in ("integer_quant", "full_integer_quant")},
                  "float32": files["float32"]}
     return files
-
-
-def nhwc_tensor(x_nchw: torch.Tensor) -> torch.Tensor:
-    return x_nchw.permute(0, 2, 3, 1).contiguous()  # (N, C, H, W) -> (N, H, W, C)
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:

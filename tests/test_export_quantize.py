@@ -443,7 +443,7 @@ def test_litert_torch_converts_with_nhwc_input_and_parity(tmp_path):
         reference = net(x).numpy()
     art = check_tflite(torch_to_tflite(net, x, tmp_path / "m.tflite"), x, reference, "fp32")
     assert art.layout == "NHWC" and art.top1_agreement == 100.0 and art.max_abs_diff < 1e-4
-    int8 = TFLiteRunner(torch_to_tflite_int8(net, x.permute(0, 2, 3, 1), tmp_path / "q.tflite"))
+    int8 = TFLiteRunner(torch_to_tflite_int8(net, x, tmp_path / "q.tflite"))
     # the input type follows the first layer (here the unfolded normalization stays float): quantize checks it
     assert int8.input_dtype in ("float32", "int8") and count_tflite_ops(int8)[0] > 0
     assert tflite_int8_mac_share(int8) >= 0.9
@@ -453,6 +453,7 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
     """quantize's choice and record; litert-torch's two conversions are stood in for by onnx2tf's files."""
     quantize_mod = importlib.import_module("edgekd.quantize")
     from edgekd.convert import onnx_to_tflite, to_onnx
+    from edgekd.runtime import nhwc
 
     def onnx2tf_fails(*args, **kwargs):
         raise EdgeKDError("TFLite conversion (onnx2tf) failed: ValueError: channel shuffle")
@@ -460,10 +461,9 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
     def fp32_stand_in(net, x, path):
         return onnx_to_tflite(to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False), path.parent / "f")["float32"]
 
-    def int8_stand_in(net, calibration_nhwc, path):
-        x = calibration_nhwc.permute(0, 3, 1, 2)
-        onnx_file = to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False)
-        return onnx_to_tflite(onnx_file, path.parent / "q", calibration=calibration_nhwc.numpy())["full_integer_quant"]
+    def int8_stand_in(net, calibration, path):
+        onnx_file = to_onnx(net, calibration, path.with_suffix(".onnx"), dynamic_batch=False)
+        return onnx_to_tflite(onnx_file, path.parent / "q", calibration=nhwc(calibration))["full_integer_quant"]
 
     monkeypatch.setattr(quantize_mod, "_onnx2tf_files", onnx2tf_fails)
     monkeypatch.setattr(quantize_mod, "torch_to_tflite", fp32_stand_in)
