@@ -626,7 +626,7 @@ def _check_litert_io(int8_file: Path, io: str, onnx2tf_error: EdgeKDError) -> No
     quantized: the file's input type is the converter's choice, so it is checked against ``io``."""
     runner = TFLiteRunner(int8_file)
     got = runner.input_dtype
-    if got != io or np.dtype(runner.out["dtype"]).name != got:
+    if got != io or runner.output_dtype != got:
         hint = " (MediaPipe and the TFLite Task Library refuse int8 input)" if got == "int8" else ""
         raise EdgeKDError(f"{onnx2tf_error}; litert-torch made this int8 file with {got} input, not {io}: "
                           f"quantize with --io {got}{hint}")

@@ -73,6 +73,10 @@ class TFLiteRunner:
     def input_dtype(self) -> str:
         return np.dtype(self.inp["dtype"]).name
 
+    @property
+    def output_dtype(self) -> str:
+        return np.dtype(self.out["dtype"]).name
+
     def quantization(self) -> dict:
         return {"input": _qparams(self.inp), "output": _qparams(self.out)}
 
