@@ -7,9 +7,8 @@ agreement). The export wall time (median of ``--runs``), the file size and wheth
 (onnxruntime's quant_pre_process) accepts the file are recorded. Exporters alternate (A B A B) so
 machine drift reaches both alike.
 
-The torch.export-based exporter needs onnxscript, which edgekd does not install:
-    pip install --target /tmp/osx onnxscript onnx_ir --no-deps
-    PYTHONPATH=/tmp/osx python benchmarks/onnx_exporters.py
+The torch.export-based exporter needs onnxscript (in edgekd's `onnx` extra):
+    python benchmarks/onnx_exporters.py
 Results: benchmarks/results/onnx_exporters.json and .md.
 """
 
@@ -108,8 +107,7 @@ def main() -> None:
         env["onnxscript"] = None
     RESULTS.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
     lines = ["# ONNX exporters: torch.export-based against TorchScript-based", "",
-             "Command: `PYTHONPATH=/tmp/osx python benchmarks/onnx_exporters.py` (onnxscript installed there; see the "
-             f"script). torch {env['torch']}, onnxscript {env['onnxscript']}, {env['recorded']}. Exporters alternated, "
+             f"Command: `python benchmarks/onnx_exporters.py`. torch {env['torch']}, onnxscript {env['onnxscript']}, {env['recorded']}. Exporters alternated, "
              f"{args.runs} exports each; the deployable network of an untrained model, 64 random inputs.", "",
              "| model | exporter | export s (median) | runs | opset | max abs diff | top-1 agreement | size | quant_pre_process |",
              "|---|---|---:|---|---:|---:|---:|---:|---|"]

@@ -7,10 +7,12 @@ PyTorch are export's; this module only converts.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -28,38 +30,70 @@ ONNX_OPSET = 17
 def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = True) -> Path:
     """Named input/output, dynamic or fixed batch 1, one self-contained checker-clean file.
 
-    The TorchScript-based exporter first: the torch.export-based one gave the same logits but took
-    5-20x longer per export, moved ResNets and MobileNets to opset 18 and needs onnxscript
-    (benchmarks/results/onnx_exporters.md), and edgekd exports up to four files per quantization.
-    PyTorch flags the TorchScript exporter as deprecated; that choice is deliberate, so its warning
-    is not passed on. Where the TorchScript exporter fails (or is gone) and onnxscript is installed,
-    the torch.export-based exporter is tried.
+    PyTorch's torch.export-based exporter first, kept where its file gives PyTorch's logits on ``x``
+    (onnxruntime, eval mode); otherwise the TorchScript-based exporter, with the reason recorded in the
+    file's metadata (export's sidecar shows it). The torch.export-based exporter takes 1-7 s where the
+    TorchScript one takes 0.03-0.3 s (benchmarks/results/onnx_exporters.md): seconds a user pays once
+    per file, for the exporter PyTorch maintains.
     """
     try:
         import onnx
     except ImportError:
         raise EdgeKDError("ONNX export needs onnx and onnxruntime: pip install 'edgekd[onnx]'") from None
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    was_training = net.training
+    try:
+        reason = _torch_export_refusal(net.eval(), x, path, axes)  # torch.export traces the mode it finds
+    finally:
+        net.train(was_training)
+    if reason is None:
+        return _record_exporter(path, "torch.export", TORCH_EXPORT_WHY)
     try:
         _export(net, x, path, axes, dynamo=False)
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
-        reason = first_line(exc)
-    else:
-        return _record_exporter(path, "torchscript", TORCHSCRIPT_WHY)
+        other = first_line(exc)
+        if reason == f"failed: {other}":
+            raise EdgeKDError(f"ONNX export failed (both PyTorch exporters): {other}") from None
+        raise EdgeKDError(f"ONNX export failed: the torch.export-based exporter {reason}; "
+                          f"the TorchScript-based one: {other}") from None
+    return _record_exporter(path, "torchscript", f"the torch.export-based exporter {reason}")
+
+
+TORCH_EXPORT_WHY = "PyTorch's current exporter; its file gave PyTorch's logits"
+EXPORTER_KEYS = ("edgekd.exporter", "edgekd.exporter_why")  # metadata_props of every exported file
+PARITY_TOLERANCE = 1e-4  # of the largest |logit|: float reassociation, not a different function
+
+
+def _torch_export_refusal(net: nn.Module, x: torch.Tensor, path: Path, axes) -> str | None:
+    """None when the torch.export-based exporter wrote a checker-clean file that agrees with ``net`` on
+    ``x``; else why not, as a phrase ("needs onnxscript ...", "failed: ...", "gave logits ...")."""
+    import onnx
+
     if importlib.util.find_spec("onnxscript") is None:
-        raise EdgeKDError(f"ONNX export failed: {reason}")
+        return "needs onnxscript (pip install 'edgekd[onnx]')"
     try:
         _export(net, x, path, axes, dynamo=True)
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001
-        raise EdgeKDError(f"ONNX export failed: {reason}; the torch.export-based exporter too: {first_line(exc)}") from None
-    return _record_exporter(path, "torch.export", f"the TorchScript-based exporter failed: {reason}")
+        diff, scale = _logit_difference(net, x, path)
+    except Exception as exc:  # noqa: BLE001 - the reason is recorded; the other exporter is tried
+        return f"failed: {first_line(exc)}"
+    if diff > PARITY_TOLERANCE * scale:
+        return f"gave logits {diff:.2g} away from PyTorch's (largest |logit| {scale:.2g})"
+    return None
 
 
-TORCHSCRIPT_WHY = ("tried first: the torch.export-based exporter gave the same logits 5-20x slower "
-                   "(benchmarks/results/onnx_exporters.md)")
-EXPORTER_KEYS = ("edgekd.exporter", "edgekd.exporter_why")  # metadata_props of every exported file
+def _logit_difference(net: nn.Module, x: torch.Tensor, path: Path) -> tuple[float, float]:
+    """Largest |ONNX - PyTorch| logit on ``x`` (batch 1 where the file is fixed to it), and the scale it
+    is judged against. export checks the finished file against PyTorch properly; this only picks the exporter."""
+    import onnxruntime as ort
+
+    x = x if _dynamic_batch(path) else x[:1]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
+    with torch.no_grad():
+        want = net(x).detach().cpu().numpy()
+    return float(np.abs(got - want).max()), float(max(1.0, np.abs(want).max()))
 
 
 def _record_exporter(path: Path, exporter: str, why: str) -> Path:
@@ -82,12 +116,36 @@ def recorded_exporter(path: Path) -> dict[str, str]:
 
 
 def _export(net: nn.Module, x: torch.Tensor, path: Path, axes, dynamo: bool) -> None:
-    extra = {"external_data": False, "verbose": False} if dynamo else {}  # weights inside the .onnx file
-    with warnings.catch_warnings(), captured_output(path.with_suffix(".export.log")) if dynamo else nullcontext():
+    example, extra = (x[:1],), {"dynamic_axes": axes}
+    if dynamo:  # weights inside the .onnx file; a batch of 2 so that torch.export does not specialize it to 1
+        example = (x[:1].expand(2, *x.shape[1:]).contiguous(),) if axes else example
+        extra = {"external_data": False, "dynamic_shapes": ({0: torch.export.Dim("batch")},) if axes else None}
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as log_dir, \
+            captured_output(Path(log_dir) / "export.log") if dynamo else nullcontext():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        torch.onnx.export(net, (x[:1],), str(path), input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+        torch.onnx.export(net, example, str(path), input_names=["input"], output_names=["logits"],
                           opset_version=ONNX_OPSET, dynamo=dynamo, **extra)
+    if dynamo:
+        _name_nodes_by_module(path)
+
+
+def _name_nodes_by_module(path: Path) -> None:
+    """Name each node after the module that made it, as the TorchScript-based exporter does ("/layers.0/conv1/Conv"
+    rather than "node_conv2d_3"): the float fallback and its report name layers by node. Then drop the nodes'
+    metadata, which holds this machine's source paths and stack traces."""
+    import onnx
+
+    model, seen = onnx.load(str(path)), {}
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        if len(scopes) > 1:
+            name = "/" + "/".join([*(s for s in scopes[1:-1] if s), node.op_type])
+            seen[name] = seen.get(name, -1) + 1
+            node.name = f"{name}_{seen[name]}" if seen[name] else name
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None = None,

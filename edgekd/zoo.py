@@ -115,13 +115,6 @@ def seed002_teacher(num_classes, in_channels, input_size):
     return FlatCNN(f, [512], num_classes, in_channels, input_size)
 
 
-@ARCHS.register("seed002_student")
-def seed002_student(num_classes, in_channels, input_size):
-    """Seed 002's student: 2 conv, 2 max-pool, 2 linear (267,738 params at 32x32x3)."""
-    f = nn.Sequential(*_conv(in_channels, 16), nn.MaxPool2d(2), *_conv(16, 16), nn.MaxPool2d(2))
-    return FlatCNN(f, [256], num_classes, in_channels, input_size)
-
-
 @ARCHS.register("seed001_teacher")
 def seed001_teacher(num_classes, in_channels, input_size):
     """Seed 001's BN+dropout teacher: 3 blocks of 2 conv (64, 128, 256), dense 512 (3,249,098 params)."""
@@ -130,27 +123,6 @@ def seed001_teacher(num_classes, in_channels, input_size):
         blocks += [*_conv(cin, width), nn.BatchNorm2d(width), *_conv(width, width), nn.MaxPool2d(2), nn.Dropout(drop)]
         cin = width
     return FlatCNN(nn.Sequential(*blocks), [512, 0.5], num_classes, in_channels, input_size)
-
-
-@ARCHS.register("seed001_student")
-def seed001_student(num_classes, in_channels, input_size):
-    """Seed 001's student: 2 conv blocks (32, 64), dense 128 (545,098 params)."""
-    f = nn.Sequential(*_conv(in_channels, 32), nn.MaxPool2d(2), *_conv(32, 64), nn.MaxPool2d(2))
-    return FlatCNN(f, [128], num_classes, in_channels, input_size)
-
-
-@ARCHS.register("seed003_teacher")
-def seed003_teacher(num_classes, in_channels, input_size):
-    """Seed 003's MNIST teacher: conv 32 (valid), max-pool, dense 128 (693,962 params at 28x28x1)."""
-    f = nn.Sequential(*_conv(in_channels, 32, same=False), nn.MaxPool2d(2))
-    return FlatCNN(f, [128], num_classes, in_channels, input_size)
-
-
-@ARCHS.register("seed003_student")
-def seed003_student(num_classes, in_channels, input_size):
-    """Seed 003's MNIST student: conv 16 (valid), max-pool, dense 64 (173,930 params at 28x28x1)."""
-    f = nn.Sequential(*_conv(in_channels, 16, same=False), nn.MaxPool2d(2))
-    return FlatCNN(f, [64], num_classes, in_channels, input_size)
 
 
 @ARCHS.register("seed004_teacher")
@@ -162,11 +134,30 @@ def seed004_teacher(num_classes, in_channels, input_size):
     return FlatCNN(f, [512], num_classes, in_channels, input_size)
 
 
-@ARCHS.register("seed004_student")
-def seed004_student(num_classes, in_channels, input_size):
-    """Seed 004's plain student: one valid conv 32, max-pool, dense out (789,442 params at 224x224x3, 2 classes)."""
-    f = nn.Sequential(*_conv(in_channels, 32, False), nn.MaxPool2d(2))
-    return FlatCNN(f, [], num_classes, in_channels, input_size)
+# Plain CNNs, name: (a conv + ReLU + 2x2 max-pool per width, "same" padding, hidden dense widths, what it is)
+PLAIN_CNNS = {
+    "seed002_student": ((16, 16), True, [256], "Seed 002's student: 2 conv, 2 max-pool, 2 linear (267,738 params at 32x32x3)."),
+    "seed001_student": ((32, 64), True, [128], "Seed 001's student: 2 conv blocks (32, 64), dense 128 (545,098 params)."),
+    "seed003_teacher": ((32,), False, [128], "Seed 003's MNIST teacher: conv 32 (valid), max-pool, dense 128 (693,962 params at 28x28x1)."),
+    "seed003_student": ((16,), False, [64], "Seed 003's MNIST student: conv 16 (valid), max-pool, dense 64 (173,930 params at 28x28x1)."),
+    "seed004_student": ((32,), False, [], "Seed 004's plain student: one valid conv 32, max-pool, dense out (789,442 params at 224x224x3, 2 classes)."),
+}
+
+
+def _register_plain_cnn(name: str, widths: tuple[int, ...], same: bool, dense: list, about: str) -> None:
+    def build(num_classes, in_channels, input_size):
+        layers, cin = [], in_channels
+        for width in widths:
+            layers += [*_conv(cin, width, same), nn.MaxPool2d(2)]
+            cin = width
+        return FlatCNN(nn.Sequential(*layers), dense, num_classes, in_channels, input_size)
+
+    build.__name__, build.__doc__ = name, about
+    ARCHS.register(name)(build)
+
+
+for _name, _spec in PLAIN_CNNS.items():
+    _register_plain_cnn(_name, *_spec)
 
 
 @ARCHS.register("seed000_small_cnn")
@@ -216,28 +207,25 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-@ARCHS.register("edge_resnet_s")
-def edge_resnet_s(num_classes, in_channels, input_size):
-    """edgekd's default student: ResNet with widths 32-64-112, one block a stage (~264k params)."""
-    return ResNet((32, 64, 112), 1, num_classes, in_channels)
+# name: (widths a stage, blocks a stage, what it is)
+RESNETS = {
+    "edge_resnet_s": ((32, 64, 112), 1, "edgekd's default student: widths 32-64-112, one block a stage (~264k params)"),
+    "resnet8": ((16, 32, 64), 1, "ResNet-8: widths 16-32-64, MLPerf Tiny's image classifier (~78k params)"),
+    "resnet20": ((16, 32, 64), 3, "ResNet-20 (He et al. 2016): widths 16-32-64, three blocks a stage (~0.27M params)"),
+    "resnet_m": ((48, 96, 192), 2, "a mid-size teacher: widths 48-96-192, two blocks a stage (~1.56M params)"),
+}
 
 
-@ARCHS.register("resnet8")
-def resnet8(num_classes, in_channels, input_size):
-    """ResNet-8 (widths 16-32-64, MLPerf Tiny's image classifier, ~78k params)."""
-    return ResNet((16, 32, 64), 1, num_classes, in_channels)
+def _register_resnet(name: str, widths: tuple[int, ...], blocks: int, about: str) -> None:
+    def build(num_classes, in_channels, input_size):
+        return ResNet(widths, blocks, num_classes, in_channels)
+
+    build.__name__, build.__doc__ = name, about
+    ARCHS.register(name)(build)
 
 
-@ARCHS.register("resnet20")
-def resnet20(num_classes, in_channels, input_size):
-    """ResNet-20 (He et al. 2016, widths 16-32-64, three blocks a stage, ~0.27M params)."""
-    return ResNet((16, 32, 64), 3, num_classes, in_channels)
-
-
-@ARCHS.register("resnet_m")
-def resnet_m(num_classes, in_channels, input_size):
-    """A mid-size teacher: widths 48-96-192, two blocks a stage (~1.56M params)."""
-    return ResNet((48, 96, 192), 2, num_classes, in_channels)
+for _name, _spec in RESNETS.items():
+    _register_resnet(_name, *_spec)
 
 
 def _pool_block(cin: int, cout: int) -> list[nn.Module]:

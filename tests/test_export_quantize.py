@@ -36,7 +36,7 @@ def test_onnx_and_tflite_match_pytorch(exported, digits_model):
 
 def test_onnx_sidecar_names_the_exporter_and_why(exported, digits_model):
     sidecar = json.loads((digits_model.parent / "export" / "model.onnx.json").read_text())
-    assert sidecar["exporter"] == "torchscript" and "onnx_exporters.md" in sidecar["exporter_why"]
+    assert sidecar["exporter"] == "torch.export" and sidecar["exporter_why"].startswith("PyTorch's current exporter")
 
 
 def test_onnx_has_dynamic_batch_and_named_io(exported):
@@ -180,7 +180,7 @@ def test_conversion_failure_leaves_no_file(digits_model, tmp_path, monkeypatch):
         raise RuntimeError("Unsupported operator: FancyOp")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    with pytest.raises(EdgeKDError, match="ONNX export failed: Unsupported operator: FancyOp"):
+    with pytest.raises(EdgeKDError, match=r"ONNX export failed \(both PyTorch exporters\): Unsupported operator: FancyOp"):
         ex.export(digits_model, ("onnx",), out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -267,40 +267,75 @@ def _tiny_net():
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
 
 
-def test_onnx_export_passes_on_no_warning(tmp_path):
-    """The TorchScript exporter is edgekd's measured choice; PyTorch's deprecation notice about it is not the user's."""
+def test_onnx_export_uses_the_torch_export_based_exporter_and_passes_on_no_warning(tmp_path):
     import warnings
 
-    from edgekd.convert import to_onnx
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
-    assert [str(w.message)[:80] for w in caught] == []
-
-
-def test_onnx_export_falls_back_to_the_torch_export_based_exporter(tmp_path, monkeypatch):
-    import importlib.util
+    import onnx
+    import onnxruntime as ort
 
     from edgekd.convert import recorded_exporter, to_onnx
 
+    net, x = _tiny_net(), torch.rand(5, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = to_onnx(net.train(), x, tmp_path / "m.onnx")
+    assert [str(w.message)[:80] for w in caught] == []
+    assert net.training, "the caller's module keeps its mode"
+    assert recorded_exporter(path)["exporter"] == "torch.export"
+    onnx.checker.check_model(str(path), full_check=True)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert got.shape == (5, 3)  # the batch stays dynamic
+    np.testing.assert_allclose(got, net.eval()(x).detach().numpy(), atol=1e-5)
+
+
+def _exporter_stand_in(monkeypatch, torch_export_result):
+    """torch.onnx.export whose torch.export-based branch raises or writes a different network."""
     real, calls = torch.onnx.export, []
 
-    def torchscript_gone(*args, dynamo=True, external_data=True, verbose=None, **kwargs):
+    def export(net, *args, dynamo=True, external_data=True, verbose=None, **kwargs):
         calls.append(dynamo)
-        if not dynamo:
-            raise RuntimeError("TorchScript-based export was removed")
-        return real(*args, dynamo=False, **kwargs)  # stands in for the torch.export-based exporter
+        if dynamo and isinstance(torch_export_result, Exception):
+            raise torch_export_result
+        if dynamo:  # the other network, through the TorchScript-based exporter
+            net, kwargs = torch_export_result, {**kwargs, "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+            kwargs.pop("dynamic_shapes")
+        return real(net, *args, dynamo=False, **kwargs)
 
-    monkeypatch.setattr(torch.onnx, "export", torchscript_gone)
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "onnxscript" else find_spec(name, *a))
+    monkeypatch.setattr(torch.onnx, "export", export)
+    return calls
+
+
+@pytest.mark.parametrize("case, why", [
+    ("fails", "the torch.export-based exporter failed: unsupported operator aten::foo"),
+    ("differs", r"the torch.export-based exporter gave logits .* away from PyTorch's \(largest \|logit\| .*\)"),
+    ("no onnxscript", r"the torch.export-based exporter needs onnxscript \(pip install 'edgekd\[onnx\]'\)"),
+])
+def test_onnx_export_falls_back_to_the_torchscript_exporter_with_the_reason(tmp_path, monkeypatch, case, why):
+    import importlib.util
+    import re
+
+    from edgekd.convert import recorded_exporter, to_onnx
+
+    other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    calls = _exporter_stand_in(monkeypatch, RuntimeError("unsupported operator aten::foo") if case == "fails" else other)
+    if case == "no onnxscript":
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
     path = to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
-    assert calls == [False, True]
-    assert recorded_exporter(path) == {"exporter": "torch.export",
-                                       "exporter_why": "the TorchScript-based exporter failed: TorchScript-based export was removed"}
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
-    with pytest.raises(EdgeKDError, match="ONNX export failed: TorchScript-based export was removed$"):
+    assert calls == ([False] if case == "no onnxscript" else [True, False])
+    record = recorded_exporter(path)
+    assert record["exporter"] == "torchscript" and re.fullmatch(why, record["exporter_why"]), record
+
+
+def test_onnx_export_failing_in_both_exporters_says_both_reasons(tmp_path, monkeypatch):
+    from edgekd.convert import to_onnx
+
+    def export(*args, dynamo=True, **kwargs):
+        raise RuntimeError("torch.export says no" if dynamo else "TorchScript says no")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(EdgeKDError, match="^ONNX export failed: the torch.export-based exporter failed: torch.export "
+                                          "says no; the TorchScript-based one: TorchScript says no$"):
         to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "n.onnx")
 
 

@@ -55,8 +55,9 @@ def test_torchscript_teacher(tmp_path, reference):
 
 
 def _export_onnx(module, x, path):
-    torch.onnx.export(module, x[:1], str(path), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    """A foreign ONNX file, as a user's own torch.onnx.export (PyTorch's default exporter) writes it."""
+    torch.onnx.export(module.eval(), (x[:2],), str(path), input_names=["image"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
 
 
 def test_onnx_teacher_with_foreign_normalization(tmp_path, reference):

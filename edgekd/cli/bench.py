@@ -16,14 +16,14 @@ from edgekd.cli.common import AsJson, _guarded, _progress, app, err
 @app.command("bench")
 def bench_cmd(
     models: Annotated[list[Path], typer.Argument(help="Checkpoints (.pt), .onnx and .tflite files, or run directories")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Dataset whose test split is used [default: the one in the models' run config]")] = None,
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Reference model for the deltas [default: a run's best teacher]")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Dataset whose test split is used \\[default: the one in the models' run config]")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Reference model for the deltas \\[default: a run's best teacher]")] = None,
     threads: Annotated[int, typer.Option(help="Runtime threads, fixed for every model (1 keeps batch-1 tails short on small CPUs)")] = 1,
     batch: Annotated[int, typer.Option(help="Batch size for the throughput column")] = 32,
     runs: Annotated[int, typer.Option("--runs", help="Minimum timed batch-1 runs per model")] = 50,
     min_seconds: Annotated[float, typer.Option(help="Minimum timed seconds per model")] = 1.0,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs before timing")] = 10,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for bench.json, bench.md, PNG plots and report.html [default: <run>/bench, or ./bench]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for bench.json, bench.md, PNG plots and report.html \\[default: <run>/bench, or ./bench]")] = None,
     as_json: AsJson = False,
 ) -> None:
     """Size, latency and accuracy of every model against the teacher, each through its own runtime.

@@ -20,30 +20,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
-# Options shared by `train` and `distill` (declared once; None means "not given, keep the config's value").
-Data = Annotated[Optional[str], typer.Option("--data", help="digits (embedded), cifar10, mnist, fashion-mnist, or an ImageFolder DIR")]
-DataDir = Annotated[Optional[str], typer.Option(help="Root of torchvision's files for cifar10/mnist/fashion-mnist")]
-Download = Annotated[Optional[bool], typer.Option("--download", help="Download torchvision datasets when missing (needs network)")]
-ValFraction = Annotated[Optional[float], typer.Option(help="Validation share carved from train when there is no val split")]
-TestFraction = Annotated[Optional[float], typer.Option(help="Test share for a single-folder dataset")]
-ImageSize = Annotated[Optional[int], typer.Option(help="Decode ImageFolder images at this size (pixels)")]
-InputSize = Annotated[Optional[int], typer.Option(help="Model input size in pixels (resized on the fly), e.g. 48 for ImageNet backbones")]
-Pretrained = Annotated[Optional[bool], typer.Option("--pretrained", help="torchvision:* only: start from ImageNet weights")]
-Weights = Annotated[Optional[str], typer.Option("--weights", help="torchvision:* only: local ImageNet state dict (no network needed)")]
-TrainableLayers = Annotated[Optional[int], typer.Option(help="torchvision:* only: fine-tune only the last N layers and the new head")]
-Epochs = Annotated[Optional[int], typer.Option(help="Training epochs [default: 30]")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Batch size [default: 256]")]
-Optim = Annotated[Optional[str], typer.Option("--optimizer", help="sgd (Nesterov), adam or adamw [default: sgd]")]
-LR = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate [default: 0.1]")]
-WD = Annotated[Optional[float], typer.Option(help="Weight decay on conv/linear weights [default: 5e-4]")]
-Schedule = Annotated[Optional[str], typer.Option(help="onecycle, cosine or constant [default: onecycle]")]
-Smoothing = Annotated[Optional[float], typer.Option(help="Label smoothing of the hard-label loss")]
-Pad = Annotated[Optional[int], typer.Option("--pad", help="Random-crop padding in pixels; 0 turns cropping off [default: height/8]")]
-Flip = Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Random horizontal flips [default: on for RGB]")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed for init, batch order and augmentation [default: 0]")]
-Device = Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:N [default: auto]")]
 Config = Annotated[Optional[Path], typer.Option("--config", help="TOML with [data] [model] [recipe] [kd] sections; options override it")]
-Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory [default: runs/<command>-<arch>]")]
+Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory \\[default: runs/<command>-<arch>]")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout")]
 

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from edgekd.cli.common import AsJson, _guarded, app, err
 
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="Dataset to check and calibrate on [default: the one in the run's config.json]")]
-OutDir = Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: <run>/export]")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="Dataset to check and calibrate on \\[default: the one in the run's config.json]")]
+OutDir = Annotated[Optional[Path], typer.Option("--out", help="Output directory \\[default: <run>/export]")]
 
 
 def _status(message: str) -> None:
@@ -23,7 +23,7 @@ def _status(message: str) -> None:
 @app.command("export")
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="edgekd checkpoint (e.g. runs/distill-x/best.pt)")],
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="onnx and/or tflite, repeatable [default: both]")] = None,
+    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="onnx and/or tflite, repeatable \\[default: both]")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write a float16 TFLite file")] = False,
     data: DataOpt = None,
     out: OutDir = None,
@@ -54,14 +54,14 @@ def export_cmd(
 def quantize_cmd(
     model: Annotated[Path, typer.Argument(help="edgekd checkpoint, its run directory, or an .onnx edgekd exported (its .json sidecar names the checkpoint)")],
     data: DataOpt = None,
-    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="onnx and/or tflite [default: both]")] = None,
+    fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="onnx and/or tflite \\[default: both]")] = None,
     calib_size: Annotated[int, typer.Option(help="Calibration images, class-stratified from the training split")] = 300,
     max_drop: Annotated[Optional[float], typer.Option(help="Fail (exit 2) when int8 top-1 drops more than this many points; files are kept, marked failed")] = None,
     io: Annotated[str, typer.Option("--io", help="TFLite input/output type: float32 (MediaPipe/Task Library), uint8 or int8")] = "float32",
     activation_type: Annotated[str, typer.Option(help="ONNX activations: auto (measure uint8 and int8 on this CPU, keep the faster), uint8, int8")] = "auto",
     target: Annotated[str, typer.Option("--target", help="CPU the int8 files will run on: arm (phones; full 8-bit weights), x86-vnni (full 8-bit), x86 (no VNNI: 7-bit ONNX weights); recorded in each sidecar")] = "arm",
     qat: Annotated[int, typer.Option("--qat", metavar="EPOCHS", help="Fine-tune this many epochs with fake int8 quantization first, taught by --teacher (quantization-aware training); 0: post-training only")] = 0,
-    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher for --qat [default: the run's own teacher when its file exists, else the float model]")] = None,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", help="Teacher for --qat \\[default: the run's own teacher when its file exists, else the float model]")] = None,
     out: OutDir = None,
     as_json: AsJson = False,
 ) -> None:

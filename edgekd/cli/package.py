@@ -19,8 +19,8 @@ def package_cmd(
     source: Annotated[Path, typer.Argument(help="A run directory (edgekd run or train/distill), a checkpoint, or a .tflite file")],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder: new, empty, or a bundle edgekd wrote (only the files it lists are replaced)")] = Path("bundle"),
     precision: Annotated[str, typer.Option(help="int8 (default: int8 inside, float32 input) or fp32")] = "int8",
-    labels: Annotated[Optional[Path], typer.Option(help="labels.txt, one class per line [default: the classes edgekd recorded]")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Dataset for the verification and benchmark [default: the run's]")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="labels.txt, one class per line \\[default: the classes edgekd recorded]")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Dataset for the verification and benchmark \\[default: the run's]")] = None,
     make_zip: Annotated[bool, typer.Option("--zip", help="Also write <out>.zip (never over a zip edgekd did not make)")] = False,
     as_json: AsJson = False,
 ) -> None:

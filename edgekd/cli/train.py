@@ -2,43 +2,76 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NamedTuple, Optional
 
 import typer
 
-from edgekd.cli.common import (
-    AsJson, BatchSize, Config, Data, DataDir, Device, Download, Epochs, Flip, ImageSize, InputSize, LR, Optim, Out,
-    Pad, Pretrained, Resume, Schedule, Seed, Smoothing, TestFraction, TrainableLayers, ValFraction, WD, Weights,
-    _Bars, _build_config, _fail, _guarded, _progress, app, err,
-)
+from edgekd.cli.common import AsJson, Config, Out, Resume, _Bars, _build_config, _fail, _guarded, _progress, app, err
 
 
-Precision = Annotated[Optional[str], typer.Option(
-    help="auto (fp16 autocast + loss scaling on CUDA, fp32 on the CPU), fp32, bf16 (CPU or CUDA) or fp16 (CUDA only) [default: auto]")]
+class _Shared(NamedTuple):
+    """An option `train` and `distill` share, and the config field its value overrides (None: not given)."""
 
-Mixup = Annotated[Optional[float], typer.Option(
-    help="Mixup: blend each batch with a shuffled copy by a Beta(a, a) weight, labels alike; 0 = off. With "
-         "teachers it needs --cache-views 0, so the teacher answers for the blended images [default: 0]")]
-
-# CLI option name -> config field, for the options `train` and `distill` share.
-_DATA_OPTS = {"data": "dataset", "data_dir": "data_dir", "download": "download", "val_fraction": "val_fraction",
-              "test_fraction": "test_fraction", "image_size": "image_size"}
-_RECIPE_OPTS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
-                "weight_decay": "weight_decay", "schedule": "schedule", "label_smoothing": "label_smoothing",
-                "pad": "augment_pad", "flip": "augment_flip", "seed": "seed", "device": "device",
-                "precision": "precision", "mixup": "mixup_alpha"}
+    section: str
+    field: str
+    kind: type
+    help: str
+    flags: tuple[str, ...] = ()
 
 
-def _data_section(options: dict) -> dict:
-    return {field: options[opt] for opt, field in _DATA_OPTS.items()}
+_SHARED = {
+    "data": _Shared("data", "dataset", str, "digits (embedded), cifar10, mnist, fashion-mnist, or an ImageFolder DIR", ("--data",)),
+    "data_dir": _Shared("data", "data_dir", str, "Root of torchvision's files for cifar10/mnist/fashion-mnist"),
+    "download": _Shared("data", "download", bool, "Download torchvision datasets when missing (needs network)", ("--download",)),
+    "val_fraction": _Shared("data", "val_fraction", float, "Validation share carved from train when there is no val split"),
+    "test_fraction": _Shared("data", "test_fraction", float, "Test share for a single-folder dataset"),
+    "image_size": _Shared("data", "image_size", int, "Decode ImageFolder images at this size (pixels)"),
+    "input_size": _Shared("model", "input_size", int, "Model input size in pixels (resized on the fly), e.g. 48 for ImageNet backbones"),
+    "epochs": _Shared("recipe", "epochs", int, "Training epochs \\[default: 30]"),
+    "batch_size": _Shared("recipe", "batch_size", int, "Batch size \\[default: 256]"),
+    "optimizer": _Shared("recipe", "optimizer", str, "sgd (Nesterov), adam or adamw \\[default: sgd]", ("--optimizer",)),
+    "lr": _Shared("recipe", "lr", float, "Peak learning rate \\[default: 0.1]", ("--lr",)),
+    "weight_decay": _Shared("recipe", "weight_decay", float, "Weight decay on conv/linear weights \\[default: 5e-4]"),
+    "schedule": _Shared("recipe", "schedule", str, "onecycle, cosine or constant \\[default: onecycle]"),
+    "label_smoothing": _Shared("recipe", "label_smoothing", float, "Label smoothing of the hard-label loss"),
+    "pad": _Shared("recipe", "augment_pad", int, "Random-crop padding in pixels; 0 turns cropping off \\[default: height/8]", ("--pad",)),
+    "flip": _Shared("recipe", "augment_flip", bool, "Random horizontal flips \\[default: on for RGB]", ("--flip/--no-flip",)),
+    "mixup": _Shared("recipe", "mixup_alpha", float,
+                     "Mixup: blend each batch with a shuffled copy by a Beta(a, a) weight, labels alike; 0 = off. With "
+                     "teachers it needs --cache-views 0, so the teacher answers for the blended images \\[default: 0]"),
+    "seed": _Shared("recipe", "seed", int, "Seed for init, batch order and augmentation \\[default: 0]"),
+    "device": _Shared("recipe", "device", str, "auto (CUDA when present), cpu, cuda, cuda:N \\[default: auto]"),
+    "precision": _Shared("recipe", "precision", str, "auto (fp16 autocast + loss scaling on CUDA, fp32 on the CPU), "
+                         "fp32, bf16 (CPU or CUDA) or fp16 (CUDA only) \\[default: auto]"),
+}
+_LAST = ("config", "out", "resume", "as_json")  # listed after the shared options in --help
 
 
-def _recipe_section(options: dict) -> dict:
-    return {field: options[opt] for opt, field in _RECIPE_OPTS.items()}
+def _with_shared_options(command):
+    """Give ``command`` the shared options as keyword parameters in place of its ``**shared``: Typer builds the
+    command line from the signature, so both commands declare each option once, here."""
+    sig = inspect.signature(command, eval_str=True)  # the module defers annotations; Typer needs them resolved
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation=Annotated[Optional[o.kind], typer.Option(*o.flags, help=o.help)])
+              for name, o in _SHARED.items()]
+    first = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name not in _LAST]
+    last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name in _LAST]
+    command.__signature__ = sig.replace(parameters=first + shared + last)
+    return command
+
+
+def _sections(shared: dict, **model) -> dict:
+    """The config sections the shared options override, with the command's own model fields."""
+    sections = {"data": {}, "model": dict(model), "recipe": {}}
+    for name, option in _SHARED.items():
+        sections[option.section][option.field] = shared[name]
+    return sections
 
 
 def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) -> None:
@@ -61,53 +94,39 @@ def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) 
 
 
 @app.command("train")
+@_with_shared_options
 def train_cmd(
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, see `edgekd models` [default: edge_resnet_s]")] = None,
-    data: Data = None, data_dir: DataDir = None, download: Download = None, val_fraction: ValFraction = None,
-    test_fraction: TestFraction = None, image_size: ImageSize = None, input_size: InputSize = None,
-    pretrained: Pretrained = None, weights: Weights = None, trainable_layers: TrainableLayers = None,
-    epochs: Epochs = None, batch_size: BatchSize = None, optimizer: Optim = None, lr: LR = None,
-    weight_decay: WD = None, schedule: Schedule = None, label_smoothing: Smoothing = None, pad: Pad = None,
-    flip: Flip = None, mixup: Mixup = None, seed: Seed = None, device: Device = None, precision: Precision = None,
-    config: Config = None,
-    out: Out = None, resume: Resume = False, as_json: AsJson = False,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, see `edgekd models` \\[default: edge_resnet_s]")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained", help="torchvision:* only: start from ImageNet weights")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="torchvision:* only: local ImageNet state dict (no network needed)")] = None,
+    trainable_layers: Annotated[Optional[int], typer.Option(help="torchvision:* only: fine-tune only the last N layers and the new head")] = None,
+    config: Config = None, out: Out = None, resume: Resume = False, as_json: AsJson = False, **shared,
 ) -> None:
     """Train one model with cross-entropy: a teacher, or the scratch baseline a student is compared with.
 
     Example: edgekd train --arch seed002_teacher --data path/to/cifar10-imagefolder --epochs 10
     """
-    opts = dict(locals())
-    cfg = _guarded(lambda: _build_config(config, {
-        "data": _data_section(opts),
-        "model": dict(arch=arch, input_size=input_size, pretrained=pretrained, weights_path=weights,
-                      trainable_layers=trainable_layers),
-        "recipe": _recipe_section(opts),
-        "kd": {},
-    }))
+    sections = _sections(shared, arch=arch, pretrained=pretrained, weights_path=weights, trainable_layers=trainable_layers)
+    cfg = _guarded(lambda: _build_config(config, {**sections, "kd": {}}))
     if cfg.kd.teachers:
         _fail("the config lists teachers; use `edgekd distill` for distillation")
     _train(cfg, out, "train", resume, as_json)
 
 
 @app.command("distill")
+@_with_shared_options
 def distill_cmd(
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher file, repeat for several: edgekd .pt, TorchScript, .onnx, .keras/.h5, .tflite")] = None,
-    student: Annotated[Optional[str], typer.Option("--student", help="Student architecture [default: edge_resnet_s]")] = None,
-    teacher_weight: Annotated[Optional[list[float]], typer.Option("--teacher-weight", help="Weight per teacher in the averaged soft targets [default: equal]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Weight of the hard-label CE; 1-alpha weights T^2 KL [default: 0.5]")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature", "-T", help="Softening temperature [default: 4]")] = None,
-    cache_views: Annotated[Optional[int], typer.Option(help="Augmented views per image whose teacher outputs are cached; 0 runs teachers on every batch [default: 2]")] = None,
-    fresh_share: Annotated[Optional[float], typer.Option(help="Share of each batch also shown as a fresh augmentation trained on its labels alone (cached views carry the teacher's targets); 1 = every image, at twice the student's compute [default: 1]")] = None,
-    hint_weight: Annotated[Optional[float], typer.Option(help="Feature (hint) distillation: weight of the loss pulling the student's last feature map, through a learned 1x1 adapter, to the teacher's; needs one edgekd .pt teacher and --cache-views 0 [default: 0 = off]")] = None,
-    teacher_mean: Annotated[Optional[list[float]], typer.Option(help="Normalization mean non-edgekd teachers expect on [0,1] pixels (repeat per channel) [default: 0]")] = None,
-    teacher_std: Annotated[Optional[list[float]], typer.Option(help="Normalization std for non-edgekd teachers [default: 1]")] = None,
-    data: Data = None, data_dir: DataDir = None, download: Download = None, val_fraction: ValFraction = None,
-    test_fraction: TestFraction = None, image_size: ImageSize = None, input_size: InputSize = None,
-    epochs: Epochs = None, batch_size: BatchSize = None, optimizer: Optim = None, lr: LR = None,
-    weight_decay: WD = None, schedule: Schedule = None, label_smoothing: Smoothing = None, pad: Pad = None,
-    flip: Flip = None, mixup: Mixup = None, seed: Seed = None, device: Device = None, precision: Precision = None,
-    config: Config = None,
-    out: Out = None, resume: Resume = False, as_json: AsJson = False,
+    student: Annotated[Optional[str], typer.Option("--student", help="Student architecture \\[default: edge_resnet_s]")] = None,
+    teacher_weight: Annotated[Optional[list[float]], typer.Option("--teacher-weight", help="Weight per teacher in the averaged soft targets \\[default: equal]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Weight of the hard-label CE; 1-alpha weights T^2 KL \\[default: 0.5]")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", "-T", help="Softening temperature \\[default: 4]")] = None,
+    cache_views: Annotated[Optional[int], typer.Option(help="Augmented views per image whose teacher outputs are cached; 0 runs teachers on every batch \\[default: 2]")] = None,
+    fresh_share: Annotated[Optional[float], typer.Option(help="Share of each batch also shown as a fresh augmentation trained on its labels alone (cached views carry the teacher's targets); 1 = every image, at twice the student's compute \\[default: 1]")] = None,
+    hint_weight: Annotated[Optional[float], typer.Option(help="Feature (hint) distillation: weight of the loss pulling the student's last feature map, through a learned 1x1 adapter, to the teacher's; needs one edgekd .pt teacher and --cache-views 0 \\[default: 0 = off]")] = None,
+    teacher_mean: Annotated[Optional[list[float]], typer.Option(help="Normalization mean non-edgekd teachers expect on [0,1] pixels (repeat per channel) \\[default: 0]")] = None,
+    teacher_std: Annotated[Optional[list[float]], typer.Option(help="Normalization std for non-edgekd teachers \\[default: 1]")] = None,
+    config: Config = None, out: Out = None, resume: Resume = False, as_json: AsJson = False, **shared,
 ) -> None:
     """Distill a student from one or more frozen teachers.
 
@@ -117,17 +136,12 @@ def distill_cmd(
 
     Example: edgekd distill -t runs/train-resnet_m/best.pt --student resnet8 --data digits
     """
-    opts = dict(locals())
-    cfg = _guarded(lambda: _build_config(config, {
-        "data": _data_section(opts),
-        "model": dict(arch=student, input_size=input_size),
-        "recipe": _recipe_section(opts),
-        "kd": dict(teachers=tuple(teacher) if teacher else None,
-                   teacher_weights=tuple(teacher_weight) if teacher_weight else None, alpha=alpha,
-                   temperature=temperature, cache_views=cache_views, fresh_share=fresh_share, hint_weight=hint_weight,
-                   teacher_mean=tuple(teacher_mean) if teacher_mean else None,
-                   teacher_std=tuple(teacher_std) if teacher_std else None),
-    }))
+    kd = dict(teachers=tuple(teacher) if teacher else None,
+              teacher_weights=tuple(teacher_weight) if teacher_weight else None, alpha=alpha,
+              temperature=temperature, cache_views=cache_views, fresh_share=fresh_share, hint_weight=hint_weight,
+              teacher_mean=tuple(teacher_mean) if teacher_mean else None,
+              teacher_std=tuple(teacher_std) if teacher_std else None)
+    cfg = _guarded(lambda: _build_config(config, {**_sections(shared, arch=student), "kd": kd}))
     if not cfg.kd.teachers:
         _fail("distill needs at least one --teacher FILE (or kd.teachers in --config); use `edgekd train` for a scratch model")
     _train(cfg, out, "distill", resume, as_json)
