@@ -91,8 +91,9 @@ def _logit_difference(net: nn.Module, x: torch.Tensor, path: Path) -> tuple[floa
     x = x if _dynamic_batch(path) else x[:1]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
+    device = next(net.parameters(), torch.empty(0)).device
     with torch.no_grad():
-        want = net(x).detach().cpu().numpy()
+        want = net(x.to(device)).detach().cpu().numpy()
     return float(np.abs(got - want).max()), float(max(1.0, np.abs(want).max()))
 
 
