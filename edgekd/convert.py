@@ -23,24 +23,28 @@ import torch.nn as nn
 
 from edgekd.errors import EdgeKDError, first_line
 from edgekd.native import captured_output, quiet_native_logs
+from edgekd.runtime import run_onnx
 
 ONNX_OPSET = 17
 
 
-def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = True) -> Path:
+def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = True, internal: bool = False) -> Path:
     """Named input/output, dynamic or fixed batch 1, one self-contained checker-clean file.
 
     PyTorch's torch.export-based exporter first, kept where its file gives PyTorch's logits on ``x``
     (onnxruntime, eval mode); otherwise the TorchScript-based exporter, with the reason recorded in the
     file's metadata (export's sidecar shows it). The torch.export-based exporter takes 1-7 s where the
     TorchScript one takes 0.03-0.3 s (benchmarks/results/onnx_exporters.md): seconds a user pays once
-    per file, for the exporter PyTorch maintains.
+    per file they ship. ``internal`` files never leave edgekd (the teacher's onnxruntime copy, made on every
+    distillation run and checked by its caller): the TorchScript-based exporter first for them.
     """
     try:
-        import onnx
+        import onnx  # noqa: F401
     except ImportError:
         raise EdgeKDError("ONNX export needs onnx and onnxruntime: pip install 'edgekd[onnx]'") from None
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    if internal and _torchscript_refusal(net, x, path, axes) is None:
+        return _record_exporter(path, "torchscript", "a file edgekd only reads itself: the faster exporter")
     was_training = net.training
     try:
         reason = _torch_export_refusal(net.eval(), x, path, axes)  # torch.export traces the mode it finds
@@ -48,16 +52,25 @@ def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = T
         net.train(was_training)
     if reason is None:
         return _record_exporter(path, "torch.export", TORCH_EXPORT_WHY)
+    other = _torchscript_refusal(net, x, path, axes)
+    if other == reason:
+        raise EdgeKDError(f"ONNX export failed (both PyTorch exporters): {reason.removeprefix('failed: ')}")
+    if other is not None:
+        raise EdgeKDError(f"ONNX export failed: the torch.export-based exporter {reason}; "
+                          f"the TorchScript-based one: {other.removeprefix('failed: ')}")
+    return _record_exporter(path, "torchscript", f"the torch.export-based exporter {reason}")
+
+
+def _torchscript_refusal(net: nn.Module, x: torch.Tensor, path: Path, axes) -> str | None:
+    """None when the TorchScript-based exporter wrote a checker-clean file; else "failed: why"."""
+    import onnx
+
     try:
         _export(net, x, path, axes, dynamo=False)
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - report which step failed, not a traceback
-        other = first_line(exc)
-        if reason == f"failed: {other}":
-            raise EdgeKDError(f"ONNX export failed (both PyTorch exporters): {other}") from None
-        raise EdgeKDError(f"ONNX export failed: the torch.export-based exporter {reason}; "
-                          f"the TorchScript-based one: {other}") from None
-    return _record_exporter(path, "torchscript", f"the torch.export-based exporter {reason}")
+        return f"failed: {first_line(exc)}"
+    return None
 
 
 TORCH_EXPORT_WHY = "PyTorch's current exporter; its file gave PyTorch's logits"
@@ -86,11 +99,8 @@ def _torch_export_refusal(net: nn.Module, x: torch.Tensor, path: Path, axes) -> 
 def _logit_difference(net: nn.Module, x: torch.Tensor, path: Path) -> tuple[float, float]:
     """Largest |ONNX - PyTorch| logit on ``x`` (batch 1 where the file is fixed to it), and the scale it
     is judged against. export checks the finished file against PyTorch properly; this only picks the exporter."""
-    import onnxruntime as ort
-
     x = x if _dynamic_batch(path) else x[:1]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
+    got = run_onnx(path, x.detach().cpu().numpy())
     device = next(net.parameters(), torch.empty(0)).device
     with torch.no_grad():
         want = net(x.to(device)).detach().cpu().numpy()
@@ -108,12 +118,17 @@ def _record_exporter(path: Path, exporter: str, why: str) -> Path:
     return path
 
 
-def recorded_exporter(path: Path) -> dict[str, str]:
-    """``{"exporter": ..., "exporter_why": ...}`` from a file ``to_onnx`` wrote; empty for other files."""
+def recorded_exporter(path: Path) -> dict:
+    """``{"exporter": ..., "exporter_why": ..., "opset": N}`` from a file ``to_onnx`` wrote; empty for other files.
+    The opset is the file's own: the torch.export-based exporter keeps 18 for networks with batch norm, where
+    its conversion down to ``ONNX_OPSET`` fails (benchmarks/results/onnx_exporters.md)."""
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return {k.split(".", 1)[1]: props[k] for k in EXPORTER_KEYS if k in props}
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    record = {k.split(".", 1)[1]: props[k] for k in EXPORTER_KEYS if k in props}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {**record, "opset": opset} if record else {}
 
 
 def _export(net: nn.Module, x: torch.Tensor, path: Path, axes, dynamo: bool) -> None:
@@ -140,7 +155,10 @@ def _name_nodes_by_module(path: Path) -> None:
     model, seen = onnx.load(str(path)), {}
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
-        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        try:  # PyTorch's own metadata format: where it changes, names stay as they are
+            scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            scopes = []
         if len(scopes) > 1:
             name = "/" + "/".join([*(s for s in scopes[1:-1] if s), node.op_type])
             seen[name] = seen.get(name, -1) + 1

@@ -683,3 +683,35 @@ def apply_augment(x: torch.Tensor, params: torch.Tensor | None, pad: int) -> tor
 def to_unit(x_u8: torch.Tensor) -> torch.Tensor:
     """uint8 pixels to float in [0, 1]."""
     return x_u8.float().div_(255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: the training images int8 quantization measures its ranges on.
+
+
+@dataclass(frozen=True)
+class Calibration:
+    indices: tuple[int, ...]  # into the training split
+    sha256: str  # of the calibration pixels
+    per_class: tuple[int, ...]
+
+
+
+def calibration_sample(data: ImageData, n: int, seed: int = 0) -> Calibration:
+    """``n`` training images, stratified by class (round-robin over shuffled per-class lists)."""
+    if n < 1:
+        raise EdgeKDError("--calib-size must be at least 1")
+    gen = torch.Generator().manual_seed(seed)
+    pools = [torch.nonzero(data.train_y == c).flatten() for c in range(data.num_classes)]
+    pools = [p[torch.randperm(len(p), generator=gen)].tolist() for p in pools]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < min(n, len(data.train_y)):
+        for pool in pools:
+            if depth < len(pool) and len(picked) < n:
+                picked.append(pool[depth])
+        depth += 1
+    idx = torch.tensor(sorted(picked))
+    digest = hashlib.sha256(data.train_x[idx].numpy().tobytes()).hexdigest()
+    per_class = torch.bincount(data.train_y[idx], minlength=data.num_classes)
+    return Calibration(tuple(idx.tolist()), digest, tuple(int(v) for v in per_class))

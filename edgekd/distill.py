@@ -459,7 +459,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         clean_stale_temps(out)
     cache_t0 = time.perf_counter()
     loop, state = _make_loop(cfg, out, model, data, spec, precision, rt, teachers, resume,
-                             Path(cache_dir) if cache_dir else out / "teacher_cache", on_step)
+                             Path(cache_dir) if cache_dir else rundir.teacher_cache(out), on_step)
     cache_s = time.perf_counter() - cache_t0 if loop.cache is not None else 0.0
     resumed_s = state["elapsed_s"]
     for epoch in range(state["epoch"] + 1, cfg.recipe.epochs + 1):

@@ -59,6 +59,10 @@ class PackageResult:
     def passed(self) -> bool:
         return all(c.ok for c in self.checks)
 
+    def description(self) -> dict:
+        """The bundle's ``model.json``: input, output, quantization, measured accuracy and latency."""
+        return read_json(self.out_dir / "model.json")
+
 
 # ---------------------------------------------------------------------------------------------
 # Finding the model files.

@@ -306,7 +306,7 @@ def _student_runs(cfg: PipelineConfig, out: Path, offset: int, ranked: list[str]
             "kd_all": dataclasses.replace(base, kd=dataclasses.replace(cfg.kd, teachers=all_files))}
     suffix = f" (seed {recipe.seed})" if offset else ""
     return [_run_one(train, runs[name], rundir.student_run(out, name), name + suffix, "student", data, on_stage, on_step,
-                     cache_dir=out / "teacher_cache")  # students share each teacher's outputs
+                     cache_dir=rundir.teacher_cache(out))  # students share each teacher's outputs
             for name in cfg.students if name != "kd_all" or len(all_files) >= 2]
 
 
@@ -343,7 +343,7 @@ def write_manifest(cfg: PipelineConfig, out: Path, data) -> dict:
 
     artifacts = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*"))
                  if p.is_file() and p != rundir.manifest_file(out) and not any(part.startswith(".") for part in p.relative_to(out).parts)}
-    quant = rundir.deploy_dir(out) / "quantize.json"
+    quant = rundir.quantize_summary(rundir.deploy_dir(out))
     calib = json.loads(quant.read_text())["calibration"]["sha256"] if quant.is_file() else None
     seeds = {"split_seed": cfg.data.split_seed, "student_seed": cfg.student_recipe.seed,
              **{f"teacher_{t.name}_seed": t.recipe.seed for t in cfg.teachers if not t.file}}
@@ -367,15 +367,16 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, teacher: 
     ckpt = rundir.best(best.out_dir)
     stamp = {"checkpoint": str(ckpt), "mtime_ns": ckpt.stat().st_mtime_ns, **dataclasses.asdict(deploy)}
     stamp = json.loads(json.dumps(stamp))
-    report = out / "quantize.json"
-    if report.is_file() and (out / "stamp.json").is_file() and json.loads((out / "stamp.json").read_text()) == stamp:
+    report, done = rundir.quantize_summary(out), rundir.deploy_stamp(out)
+    if report.is_file() and done.is_file() and json.loads(done.read_text()) == stamp:
         if on_stage:
             on_stage(f"deploy {best.name}: done before, skipped")
-        post_training = json.loads((out / "post_training.json").read_text()) if (out / "post_training.json").is_file() else None
+        before = rundir.post_training_file(out)
+        post_training = json.loads(before.read_text()) if before.is_file() else None
         return {"student": best.name, **json.loads(report.read_text()), "post_training": post_training}
     if on_stage:
         on_stage(f"deploy {best.name}: export to ONNX, then int8 quantization ({', '.join(deploy.formats)})")
-    (out / "stamp.json").unlink(missing_ok=True)  # until this deploy finishes, nothing in out/ is "done before"
+    done.unlink(missing_ok=True)  # until this deploy finishes, nothing in out/ is "done before"
     source = export(ckpt, ("onnx",), out_dir=out, data=data).artifacts[0].path if "onnx" in deploy.formats else ckpt
     settings = dict(data=data, formats=deploy.formats, calib_size=deploy.calib_size, io=deploy.io,
                     max_drop=deploy.max_drop, target=deploy.target, out_dir=out)
@@ -388,8 +389,8 @@ def _deploy(deploy: DeployConfig, rows: list[RunRow], data, out: Path, teacher: 
             on_stage(f"deploy {best.name}: post-training int8 {worst.format} lost {worst.drop_pts:.2f} points; "
                      f"quantization-aware fine-tuning, {deploy.qat_epochs} epochs")
         result = quantize(source, qat_epochs=deploy.qat_epochs, teacher=teacher, **settings)
-    atomic_write_json(out / "post_training.json", post_training)  # the gate's first verdict when QAT followed, else null
-    atomic_write_json(out / "stamp.json", stamp)
+    atomic_write_json(rundir.post_training_file(out), post_training)  # the gate's first verdict when QAT followed, else null
+    atomic_write_json(done, stamp)
     return {"student": best.name, **result_dict(result), "post_training": post_training}
 
 

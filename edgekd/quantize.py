@@ -10,7 +10,6 @@ split through their own runtimes, next to their fp32 counterparts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,8 +25,9 @@ import torch
 
 from edgekd.checkpoint import load_model, save_checkpoint
 from edgekd.files import read_json, staged_output
+from edgekd.registry import Registry
 from edgekd.timing import time_calls
-from edgekd.data import ImageData
+from edgekd.data import Calibration, ImageData, calibration_sample
 from edgekd.errors import EdgeKDError, first_line
 from edgekd.convert import litert_torch_installed, onnx_to_tflite, to_onnx, torch_to_tflite, torch_to_tflite_int8
 from edgekd.deployable import Deployable, deploy_net, model_input, rgb
@@ -70,13 +70,6 @@ def host_target() -> str | None:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    indices: tuple[int, ...]  # into the training split
-    sha256: str  # of the calibration pixels
-    per_class: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class QuantizedModel:
     format: str
     fp32: Artifact
@@ -106,26 +99,6 @@ class QuantizeResult:
     @property
     def passed(self) -> bool:
         return self.max_drop is None or all(m.drop_pts <= self.max_drop for m in self.models)
-
-
-def calibration_sample(data: ImageData, n: int, seed: int = 0) -> Calibration:
-    """``n`` training images, stratified by class (round-robin over shuffled per-class lists)."""
-    if n < 1:
-        raise EdgeKDError("--calib-size must be at least 1")
-    gen = torch.Generator().manual_seed(seed)
-    pools = [torch.nonzero(data.train_y == c).flatten() for c in range(data.num_classes)]
-    pools = [p[torch.randperm(len(p), generator=gen)].tolist() for p in pools]
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < min(n, len(data.train_y)):
-        for pool in pools:
-            if depth < len(pool) and len(picked) < n:
-                picked.append(pool[depth])
-        depth += 1
-    idx = torch.tensor(sorted(picked))
-    digest = hashlib.sha256(data.train_x[idx].numpy().tobytes()).hexdigest()
-    per_class = torch.bincount(data.train_y[idx], minlength=data.num_classes)
-    return Calibration(tuple(idx.tolist()), digest, tuple(int(v) for v in per_class))
 
 
 def quantize(
@@ -170,6 +143,8 @@ def quantize(
         raise EdgeKDError("--activation-type must be auto, uint8 or int8")
     if target not in TARGETS:
         raise EdgeKDError(f"unknown --target {target!r}; choose from {', '.join(TARGETS)}")
+    for fmt in formats:
+        BACKENDS.get(fmt)  # an unknown format fails here, before any work
     checkpoint = checkpoint_for(Path(model))
     exported = Path(model) if Path(model).suffix == ".onnx" else None
     net_model, meta = load_model(checkpoint)
@@ -193,7 +168,7 @@ def quantize(
         placed = [_place_pair(m, out, meta, checkpoint, journal, max_drop, kept) for m in models]
         result = QuantizeResult(calib, tuple(placed), max_drop, checkpoint, qat_report)
         summary = json.dumps(result_dict(result), indent=2) + "\n"
-        journal.put(out / "quantize.json", lambda t: t.write_text(summary))
+        journal.put(rundir.quantize_summary(out), lambda t: t.write_text(summary))
     return result
 
 
@@ -234,25 +209,58 @@ class _Inputs:
     val_y: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every int8 backend works from: the fp32 network and the one int8 comes from (the same unless QAT
+    fine-tuned a copy), the pixels, the fp32 ONNX file and its check, and the user's settings."""
+
+    net: torch.nn.Module
+    int8_net: torch.nn.Module
+    inputs: _Inputs
+    tmp: Path
+    exported: Path | None
+    onnx_fp32: Path
+    fp32_art: Artifact
+    activation_type: str
+    io: str
+    target: str
+    max_drop: float | None
+
+
+# format -> (what the progress line says, the backend); `quantize(formats=...)` names them
+BACKENDS: Registry[tuple[str, Callable[[_Job], "QuantizedModel"]]] = Registry("int8 format")
+
+
+def _onnx_backend(job: _Job) -> QuantizedModel:
+    i = job.inputs
+    source = job.onnx_fp32 if job.int8_net is job.net else to_onnx(job.int8_net, i.check_x, job.tmp / "model_qat.onnx")
+    return _quantize_onnx(source, job.onnx_fp32, job.fp32_art, job.tmp, i, job.activation_type, job.target, job.max_drop)
+
+
+def _tflite_backend(job: _Job) -> QuantizedModel:
+    # TFLite has batch 1: export's file is fixed to it by onnx2tf, a fresh export is made with it
+    i, tmp = job.inputs, job.tmp
+    onnx_b1 = job.onnx_fp32 if job.exported else to_onnx(job.net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)
+    qat_b1 = None if job.int8_net is job.net else to_onnx(job.int8_net, i.check_x, tmp / "model_qat_b1.onnx",
+                                                            dynamic_batch=False)
+    return _quantize_tflite(onnx_b1, qat_b1, tmp, i, job.io, job.target, (job.net, job.int8_net))
+
+
+BACKENDS.register("onnx")(("onnx: static int8 quantization with onnxruntime", _onnx_backend))
+BACKENDS.register("tflite")(("tflite: full-integer conversion with onnx2tf", _tflite_backend))
+
+
 def _quantize_formats(net, int8_net, inputs: _Inputs, tmp: Path, formats, activation_type, io, target, max_drop,
                       on_step, exported: Path | None = None) -> list[QuantizedModel]:
-    """Every requested int8 file (from ``int8_net``) and its fp32 counterpart (from ``net``, or the file
-    ``exported`` from it) written and checked inside ``tmp``; the two networks are one and the same
-    unless QAT fine-tuned a copy."""
+    """Every requested int8 file and its fp32 counterpart, written and checked inside ``tmp`` by its backend."""
     step = on_step or (lambda _msg: None)
-    i = inputs
+    onnx_fp32, fp32_art = _fp32_onnx(net, inputs, tmp, exported)
+    job = _Job(net, int8_net, inputs, tmp, exported, onnx_fp32, fp32_art, activation_type, io, target, max_drop)
     models = []
-    onnx_fp32, fp32_art = _fp32_onnx(net, i, tmp, exported)
-    onnx_source = onnx_fp32 if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat.onnx")
-    if "onnx" in formats:
-        step("onnx: static int8 quantization with onnxruntime")
-        models.append(_quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, i, activation_type, target, max_drop))
-    if "tflite" in formats:
-        step("tflite: full-integer conversion with onnx2tf")
-        # TFLite has batch 1: export's file is fixed to it by onnx2tf, a fresh export is made with it
-        onnx_b1 = onnx_fp32 if exported else to_onnx(net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)
-        qat_b1 = None if int8_net is net else to_onnx(int8_net, i.check_x, tmp / "model_qat_b1.onnx", dynamic_batch=False)
-        models.append(_quantize_tflite(onnx_b1, qat_b1, tmp, i, io, target, (net, int8_net)))
+    for fmt in (f for f in BACKENDS if f in formats):
+        says, backend = BACKENDS.get(fmt)
+        step(says)
+        models.append(backend(job))
     return models
 
 

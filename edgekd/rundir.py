@@ -79,6 +79,22 @@ def seed_root(out: str | Path, offset: int) -> Path:
 
 deploy_dir, bench_dir, bundle_dir = _entry("deploy"), _entry("bench"), _entry("bundle")
 summary_file, manifest_file = _entry("summary.json"), _entry("manifest.json")
+teacher_cache = _entry("teacher_cache")  # cached teacher outputs a pipeline's students (or one training run) share
+
+
+def report_html(out: str | Path) -> Path:
+    """The pipeline's HTML bench report."""
+    return bench_dir(out) / "report.html"
+
+
+def default_run(command: str, arch: str) -> Path:
+    """Where `edgekd train` / `distill` write when no --out is given: ``runs/COMMAND-ARCH``."""
+    return Path("runs") / f"{command}-{arch.replace(':', '_')}"
+
+
+# A deploy folder: quantize's summary, and in a pipeline run what decides whether its deploy is done
+quantize_summary, deploy_stamp = _entry("quantize.json"), _entry("stamp.json")
+post_training_file = _entry("post_training.json")  # post-training int8's verdict when quantization-aware training followed
 
 
 def is_pipeline_run(folder: str | Path) -> bool:

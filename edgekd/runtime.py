@@ -1,18 +1,21 @@
-"""The one way edgekd loads and runs a model file: PyTorch checkpoints, ONNX and TFLite.
+"""The one way edgekd loads and runs a model file: PyTorch checkpoints, TorchScript, ONNX, TFLite and Keras.
 
-``load_runtime`` gives every format the same small interface (``Loaded``: predict on NCHW [0, 1]
-batches, a timed single-image call, what the file is); export's parity checks, quantize's proofs,
-bench and package all run files through it. TorchScript, Keras and ONNX teachers go through
-``edgekd.teachers``, which uses the ONNX session below.
+``load_runtime`` gives the deployable formats (checkpoints, ONNX, TFLite) the same small interface (``Loaded``:
+predict on NCHW [0, 1] batches, a timed single-image call, what the file is); export's parity checks, quantize's
+proofs, bench and package all run files through it. Teachers in any format (``edgekd.teachers``) open their files
+with the loaders here too (``open_torchscript``, ``open_keras``, ``onnx_session``, ``TFLiteRunner``) and add only
+what a teacher needs: the input layout and normalization a foreign file expects, and logits from probabilities.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+import warnings
 from typing import Callable
 
 import numpy as np
+import torch
 
 from edgekd.checkpoint import load_model
 from edgekd.deployable import Deployable
@@ -44,6 +47,32 @@ def onnx_session(path: Path, threads: int = 1):
         reason = first_line(exc).split(" : ")[-1]
         raise EdgeKDError(f"onnxruntime could not load {Path(path).name} ({reason}); export it again if it is "
                           "truncated or damaged, or update onnxruntime if it names an unsupported operator") from None
+
+
+def open_torchscript(path: Path, device) -> torch.jit.ScriptModule:
+    """A TorchScript file in eval mode on ``device``."""
+    try:
+        with warnings.catch_warnings():
+            # Users' TorchScript files are what this is for; PyTorch's notice that TorchScript is deprecated
+            # is not theirs to act on here.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
+    except Exception as exc:  # noqa: BLE001
+        raise EdgeKDError(f"could not load TorchScript file {path}: {first_line(exc)}") from None
+
+
+def open_keras(path: Path):
+    """A Keras model (.keras, .h5), uncompiled, with TensorFlow's start-up lines held back."""
+    try:
+        with quiet_native_logs():
+            import tensorflow as tf  # noqa: F401 - keras needs its backend
+            import keras
+    except ImportError:
+        raise EdgeKDError("Keras files need TensorFlow: pip install 'edgekd[tf]'") from None
+    try:
+        return keras.models.load_model(str(path), compile=False)
+    except Exception as exc:  # noqa: BLE001
+        raise EdgeKDError(f"could not load Keras file {path}: {first_line(exc)}") from None
 
 
 def run_onnx(path_or_session, x_nchw: np.ndarray, batch: int = 256) -> np.ndarray:
@@ -262,7 +291,7 @@ def _load_tflite(path: Path, threads: int) -> Loaded:
     runner = TFLiteRunner(path, threads)
     shape = runner.inp["shape"]  # (1, H, W, C)
     if len(shape) != 4:
-        raise EdgeKDError(f"{path.name}: input shape {list(shape)} is not (batch, height, width, channels)")
+        raise EdgeKDError(f"{path.name}: input shape {[int(d) for d in shape]} is not (batch, height, width, channels)")
     side = read_sidecar(path)
     precision = "int8" if _tflite_is_int8(runner) else ("fp16" if "fp16" in path.stem else "fp32")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
-import warnings
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from edgekd.registry import Registry
 from edgekd.zoo import fit_input
 from edgekd.convert import to_onnx
 from edgekd.deployable import Deployable
-from edgekd.runtime import onnx_session, TFLiteRunner
+from edgekd.runtime import onnx_session, open_keras, open_torchscript, TFLiteRunner
 
 TEACHER_LOADERS: Registry[Callable[..., "Teacher"]] = Registry("teacher format")
 
@@ -73,7 +72,8 @@ def guess_layout(shape) -> tuple[str, tuple[int, int] | None, int | None]:
     """Read layout, fixed spatial size and channels from a 4-D input shape (dims may be None)."""
     dims = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in list(shape)[1:]]
     if len(dims) != 3:
-        raise EdgeKDError(f"teacher input has shape {list(shape)}; edgekd needs a 4-D image input")
+        raise EdgeKDError(f"teacher input has shape {[d if d is None or isinstance(d, str) else int(d) for d in shape]}; "
+                          "edgekd needs a 4-D image input")
     if dims[0] in (1, 3) and dims[2] not in (1, 3):
         layout, (c, h, w) = "NCHW", dims
     elif dims[2] in (1, 3):
@@ -221,7 +221,7 @@ def _onnxruntime_forward(model: nn.Module, meta: dict, eager) -> Callable | None
     probe = torch.rand(4, channels, *size, generator=torch.Generator().manual_seed(0))
     try:
         with tempfile.TemporaryDirectory(prefix="edgekd-teacher-") as tmp:
-            path = to_onnx(net, probe, Path(tmp) / "teacher.onnx")
+            path = to_onnx(net, probe, Path(tmp) / "teacher.onnx", internal=True)
             sess = onnx_session(path, threads=torch.get_num_threads())
         name = sess.get_inputs()[0].name
 
@@ -239,14 +239,7 @@ def _onnxruntime_forward(model: nn.Module, meta: dict, eager) -> Callable | None
 
 @TEACHER_LOADERS.register("torchscript")
 def _load_torchscript_teacher(path: Path, device, mean, std) -> FunctionTeacher:
-    try:
-        with warnings.catch_warnings():
-            # Users' TorchScript teachers are what this loader is for; PyTorch's notice that TorchScript is
-            # deprecated is not theirs to act on here.
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
-            module = torch.jit.load(str(path), map_location=device).eval()
-    except Exception as exc:  # noqa: BLE001
-        raise EdgeKDError(f"could not load TorchScript teacher {path}: {exc}") from None
+    module = open_torchscript(path, device)
     spec = ForeignInput("NCHW", None, None, mean, std)
 
     @torch.no_grad()
@@ -259,13 +252,9 @@ def _load_torchscript_teacher(path: Path, device, mean, std) -> FunctionTeacher:
 @TEACHER_LOADERS.register("onnx")
 def _load_onnx_teacher(path: Path, device, mean, std) -> FunctionTeacher:
     try:
-        import onnxruntime as ort
-    except ImportError:
-        raise EdgeKDError("ONNX teachers need onnxruntime: pip install 'edgekd[onnx]'") from None
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001
-        raise EdgeKDError(f"could not load ONNX teacher {path}: {str(exc).splitlines()[0]}") from None
+        session = onnx_session(path, threads=torch.get_num_threads())
+    except EdgeKDError as exc:
+        raise EdgeKDError(f"could not load ONNX teacher {path}: {exc}") from None
     inp = session.get_inputs()[0]
     layout, size, channels = guess_layout(inp.shape)
     spec = ForeignInput(layout, size, channels, mean, std)
@@ -299,21 +288,13 @@ def _onnx_output_scale(path: Path) -> float | None:
 
 @TEACHER_LOADERS.register("keras")
 def _load_keras_teacher(path: Path, device, mean, std) -> FunctionTeacher:
-    try:
-        with quiet_native_logs():
-            import tensorflow as tf  # noqa: F401 - keras needs its backend
-            import keras
-    except ImportError:
-        raise EdgeKDError("Keras teachers need TensorFlow: pip install 'edgekd[tf]'") from None
-    try:
-        model = keras.models.load_model(str(path), compile=False)
-    except Exception as exc:  # noqa: BLE001
-        raise EdgeKDError(f"could not load Keras teacher {path}: {str(exc).splitlines()[0]}") from None
+    model = open_keras(path)
     layout, size, channels = guess_layout(model.input_shape)
     spec = ForeignInput(layout, size, channels, mean, std)
 
     def run(x_unit):
-        return np.asarray(model(spec.prepare(x_unit), training=False))
+        out = model(spec.prepare(x_unit), training=False)
+        return out.numpy() if hasattr(out, "numpy") else np.asarray(out)  # a tensor's own copy: numpy's __array__ call warns
 
     return FunctionTeacher(path.name, run, kind="keras", input_size=spec.size)
 

@@ -37,6 +37,7 @@ def test_onnx_and_tflite_match_pytorch(exported, digits_model):
 def test_onnx_sidecar_names_the_exporter_and_why(exported, digits_model):
     sidecar = json.loads((digits_model.parent / "export" / "model.onnx.json").read_text())
     assert sidecar["exporter"] == "torch.export" and sidecar["exporter_why"].startswith("PyTorch's current exporter")
+    assert sidecar["opset"] in (17, 18)  # 18 where the exporter could not convert a batch-norm network down
 
 
 def test_onnx_has_dynamic_batch_and_named_io(exported):
@@ -82,7 +83,7 @@ def test_int8_is_really_int8_and_accurate(quantized):
 
 def test_calibration_sample_is_stratified_and_reproducible():
     from edgekd.data import load_data
-    from edgekd.quantize import calibration_sample
+    from edgekd.data import calibration_sample
 
     data = load_data("digits")
     a, b = calibration_sample(data, 50), calibration_sample(data, 50)
@@ -321,10 +322,24 @@ def test_onnx_export_falls_back_to_the_torchscript_exporter_with_the_reason(tmp_
     if case == "no onnxscript":
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
-    path = to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "m.onnx")
+    assert [str(w.message)[:80] for w in caught] == []  # PyTorch's deprecation notice is edgekd's business, not the user's
     assert calls == ([False] if case == "no onnxscript" else [True, False])
     record = recorded_exporter(path)
     assert record["exporter"] == "torchscript" and re.fullmatch(why, record["exporter_why"]), record
+
+
+def test_internal_onnx_files_take_the_faster_exporter_first(tmp_path, monkeypatch):
+    """The teacher's onnxruntime copy is made on every distillation run and never shipped."""
+    from edgekd.convert import recorded_exporter, to_onnx
+
+    calls = _exporter_stand_in(monkeypatch, RuntimeError("not reached"))
+    path = to_onnx(_tiny_net(), torch.rand(2, 3, 8, 8), tmp_path / "t.onnx", internal=True)
+    assert calls == [False] and recorded_exporter(path)["exporter"] == "torchscript"
 
 
 def test_onnx_export_failing_in_both_exporters_says_both_reasons(tmp_path, monkeypatch):
@@ -515,3 +530,11 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
     assert m.choice["converter"].startswith("litert-torch") and "channel shuffle" in m.choice["converter_why"]
     assert m.int8_mac_share >= 0.5 and m.fp32.top1_agreement == 100.0
     assert json.loads((tmp_path / "c" / "model_fp32.tflite.json").read_text())["converter"].startswith("litert-torch")
+
+
+def test_quantize_names_its_backends_and_refuses_an_unknown_format_before_any_work(digits_model, tmp_path):
+    quantize_mod = importlib.import_module("edgekd.quantize")
+    assert list(quantize_mod.BACKENDS) == ["onnx", "tflite"]
+    with pytest.raises(EdgeKDError, match="^unknown int8 format 'coreml'; choose one of: onnx, tflite$"):
+        quantize_mod.quantize(digits_model, formats=("onnx", "coreml"), out_dir=tmp_path / "q")
+    assert not (tmp_path / "q").exists()

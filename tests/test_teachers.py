@@ -54,16 +54,26 @@ def test_torchscript_teacher(tmp_path, reference):
     assert torch.allclose(t(x), expected, atol=1e-5)
 
 
-def _export_onnx(module, x, path):
-    """A foreign ONNX file, as a user's own torch.onnx.export (PyTorch's default exporter) writes it."""
+def _export_onnx(module, x, path, exporter="torch.export"):
+    """A foreign ONNX file, as a user's own torch.onnx.export writes it (PyTorch's default exporter, or the older one)."""
+    import warnings
+
+    if exporter == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # PyTorch deprecates it; users' files from it are common
+            torch.onnx.export(module.eval(), x[:1], str(path), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        return
     torch.onnx.export(module.eval(), (x[:2],), str(path), input_names=["image"], output_names=["logits"],
                       dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
 
 
-def test_onnx_teacher_with_foreign_normalization(tmp_path, reference):
+@pytest.mark.parametrize("exporter", ["torch.export", "torchscript"])
+def test_onnx_teacher_with_foreign_normalization(tmp_path, reference, exporter):
     model, meta, x, expected = reference
     path = tmp_path / "teacher.onnx"
-    _export_onnx(model, (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1), path)
+    _export_onnx(model, (x - torch.tensor(meta["mean"]).view(1, -1, 1, 1)) / torch.tensor(meta["std"]).view(1, -1, 1, 1),
+                 path, exporter)
     t = load_teacher(path, input_mean=tuple(meta["mean"]), input_std=tuple(meta["std"]))
     assert t.kind == "onnx"
     assert torch.allclose(t(x), expected, atol=1e-4)
@@ -80,9 +90,11 @@ def test_onnx_teacher_in_another_class_order_is_refused(tmp_path, reference, syn
 @pytest.fixture(scope="module")
 def keras_teacher(tmp_path_factory):
     """A Keras model ending in softmax, as the seeds' are, saved as .keras and converted to .tflite."""
-    import tensorflow as tf
-    import keras
+    from edgekd.native import quiet_native_logs
 
+    with quiet_native_logs():  # as edgekd loads TensorFlow: triton first, or importing it later crashes the process
+        import tensorflow as tf
+        import keras
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
                               keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4, activation="softmax")])

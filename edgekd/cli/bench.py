@@ -11,6 +11,9 @@ import typer
 from rich.markup import escape
 
 from edgekd.cli.common import AsJson, _guarded, _progress, app, err
+import edgekd.rundir as rundir
+from edgekd.bench import bench
+from edgekd.report import bench_table, write_bench_report
 
 
 @app.command("bench")
@@ -33,10 +36,8 @@ def bench_cmd(
     Example: edgekd bench runs/default            (everything a run produced)
     Example: edgekd bench teacher.pt model_int8.tflite model.onnx --teacher teacher.pt --data digits
     """
-    from edgekd.bench import bench
-    from edgekd.report import bench_table, write_bench_report
 
-    folder = out or (models[0] / "bench" if models and models[0].is_dir() else Path("bench"))
+    folder = out or (rundir.bench_dir(models[0]) if models and models[0].is_dir() else Path("bench"))
     with _progress() as progress:
         task = progress.add_task("benchmarking", total=None, info="")
 

@@ -9,6 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from edgekd.config import ConfigValueError, DistillConfig, distill_config_from_dict, load_toml, override
+from edgekd.data import describe
+from edgekd.errors import EdgeKDError
+
 app = typer.Typer(
     name="edgekd",
     help="Distill a small image classifier from big teachers and get it ready for phones and edge devices.\n\n"
@@ -20,7 +24,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
-Config = Annotated[Optional[Path], typer.Option("--config", help="TOML with [data] [model] [recipe] [kd] sections; options override it")]
+Config = Annotated[Optional[Path], typer.Option("--config", help="TOML with \\[data] \\[model] \\[recipe] \\[kd] sections; options override it")]
 Out = Annotated[Optional[Path], typer.Option("--out", help="Run directory \\[default: runs/<command>-<arch>]")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out from its last checkpoint")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout")]
@@ -50,7 +54,6 @@ class _Bars:
 
     def __call__(self, stage: str, done: int, total: int, info: dict) -> None:
         if stage == "data":
-            from edgekd.data import describe
 
             self.progress.console.print(f"data {info['name']}: {describe(info['summary'])}", highlight=False, soft_wrap=True)
             return
@@ -81,7 +84,6 @@ class _Bars:
 
 def _guarded(fn):
     """Run ``fn`` turning user errors into one red line and a non-zero exit."""
-    from edgekd.errors import EdgeKDError
 
     try:
         return fn()
@@ -94,8 +96,6 @@ def _guarded(fn):
 
 
 def _build_config(config, section_overrides):
-    from edgekd.config import ConfigValueError, DistillConfig, distill_config_from_dict, load_toml, override
-    from edgekd.errors import EdgeKDError
 
     base = distill_config_from_dict(load_toml(config)) if config else DistillConfig()
     sections = {}

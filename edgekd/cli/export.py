@@ -11,6 +11,8 @@ import typer
 from rich.table import Table
 
 from edgekd.cli.common import AsJson, _guarded, app, err
+from edgekd.export import export
+from edgekd.quantize import quantize, result_dict
 
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="Dataset to check and calibrate on \\[default: the one in the run's config.json]")]
 OutDir = Annotated[Optional[Path], typer.Option("--out", help="Output directory \\[default: <run>/export]")]
@@ -35,7 +37,6 @@ def export_cmd(
 
     Example: edgekd export runs/distill-edge_resnet_s/best.pt -f onnx -f tflite
     """
-    from edgekd.export import export
 
     result = _guarded(lambda: export(checkpoint, tuple(fmt or ("onnx", "tflite")), out_dir=out, data=data, fp16=fp16,
                                      on_step=_status))
@@ -74,7 +75,6 @@ def quantize_cmd(
 
     Example: edgekd quantize runs/distill-edge_resnet_s/best.pt --max-drop 0.5 --qat 3
     """
-    from edgekd.quantize import quantize, result_dict
 
     result = _guarded(lambda: quantize(model, data=data, formats=tuple(fmt or ("onnx", "tflite")), calib_size=calib_size,
                                        io=io, activation_type=activation_type, max_drop=max_drop, target=target, qat_epochs=qat,

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edgekd.cli.common import AsJson, _guarded, app, err
+from edgekd.package import package
 
 
 @app.command("package")
@@ -30,7 +31,6 @@ def package_cmd(
 
     Example: edgekd package runs/default --out bundle --zip
     """
-    from edgekd.package import package
 
     result = _guarded(lambda: package(source, out_dir=out, precision=precision, labels=labels, data=data,
                                       make_zip=make_zip, on_step=lambda m: err.print(f"[bold]{m}[/]")))
@@ -43,7 +43,7 @@ def package_cmd(
     err.print(f"files: {', '.join(result.files)}" + (f"; zip: {result.zip_path}" if result.zip_path else ""),
               highlight=False)
     if as_json:
-        sys.stdout.write(json.dumps(json.loads((result.out_dir / "model.json").read_text()), indent=2) + "\n")
+        sys.stdout.write(json.dumps(result.description(), indent=2) + "\n")
     if not result.passed:
         failed = [c for c in result.checks if not c.ok]
         err.print(f"[bold red]error:[/] the bundle failed its own check: {failed[0].name}: {escape(failed[0].detail)}",

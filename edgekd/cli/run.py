@@ -11,6 +11,10 @@ import typer
 from rich.markup import escape
 
 from edgekd.cli.common import AsJson, _Bars, _guarded, _progress, app, err
+import edgekd.rundir as rundir
+from edgekd.pipeline import run
+from edgekd.report import comparison_table, deploy_table, kd_gain_lines, pipeline_table
+from edgekd.zoo import ARCHS, list_architectures
 
 
 @app.command("run")
@@ -29,10 +33,7 @@ def run_cmd(
     Example: edgekd run --resume    (after an interruption, or to redo only what a config change touched)
     Example: edgekd run configs/seed002_cifar10.toml --out runs/seed002 --set student_recipe.epochs=3
     """
-    from edgekd.pipeline import load_pipeline_config, run_pipeline
-    from edgekd.report import comparison_table, deploy_table, kd_gain_lines, pipeline_table
 
-    cfg = _guarded(lambda: load_pipeline_config(config, tuple(overrides or ())))
     with _progress() as progress:
         bars = _Bars(progress)
 
@@ -40,7 +41,8 @@ def run_cmd(
             bars.reset()
             progress.console.print(f"[bold]{msg}[/]")
 
-        result = _guarded(lambda: run_pipeline(cfg, out, resume=resume, on_stage=stage, on_step=bars))
+        result = _guarded(lambda: run(config, out, overrides=tuple(overrides or ()), resume=resume, on_stage=stage,
+                                       on_step=bars))
     err.print(pipeline_table(result.rows))
     for line in kd_gain_lines(result.kd_gain):
         err.print(line, highlight=False)
@@ -51,13 +53,13 @@ def run_cmd(
         for r in result.bench.rows:
             for w in r.warnings:
                 err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
-        err.print(f"report: {out / 'bench' / 'report.html'}", highlight=False)
+        err.print(f"report: {rundir.report_html(out)}", highlight=False)
     if result.bundle is not None:
         state = "verified" if result.bundle.passed else "FAILED its checks"
         err.print(f"bundle: {result.bundle.out_dir} ({state}: "
                   + ", ".join(f"{c.name} {'ok' if c.ok else 'FAILED'}" for c in result.bundle.checks) + ")", highlight=False)
     _print_qat(result.deployed)
-    err.print(f"manifest: {out / 'manifest.json'}", highlight=False)
+    err.print(f"manifest: {rundir.manifest_file(out)}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps({"models": [r.__dict__ for r in result.rows], "kd_gain": result.kd_gain,
                                      "deployed": result.deployed,
@@ -88,7 +90,6 @@ def models_cmd(
     pattern: Annotated[str, typer.Argument(help="Glob filter, e.g. 'seed*' or 'torchvision:mobilenet*'")] = "*",
 ) -> None:
     """List the architectures edgekd can build (its own, the seeds', and torchvision's)."""
-    from edgekd.zoo import ARCHS, list_architectures
 
     for name in list_architectures(pattern):
         doc = ((ARCHS.get(name).__doc__ or "").strip().splitlines()[0] if name in ARCHS

@@ -12,6 +12,9 @@ from typing import Annotated, NamedTuple, Optional
 import typer
 
 from edgekd.cli.common import AsJson, Config, Out, Resume, _Bars, _build_config, _fail, _guarded, _progress, app, err
+import edgekd.rundir as rundir
+from edgekd.distill import train
+from edgekd.report import teacher_table, train_table
 
 
 class _Shared(NamedTuple):
@@ -75,10 +78,8 @@ def _sections(shared: dict, **model) -> dict:
 
 
 def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) -> None:
-    from edgekd.distill import train
-    from edgekd.report import teacher_table, train_table
 
-    out = out or Path("runs") / f"{command}-{cfg.model.arch.replace(':', '_')}"
+    out = out or rundir.default_run(command, cfg.model.arch)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 talks
         _guarded(lambda: train(cfg, out, resume=resume))
         return
