@@ -75,7 +75,9 @@ def block_fresh_clone() -> str:
 
 def block_default_models() -> str:
     s = json.loads((DEFAULT / "summary.json").read_text())
-    rows = ["| model | role | params | val acc | test acc | train time |", "|---|---|---:|---:|---:|---:|"]
+    n = json.loads((DEFAULT / "bench.json").read_text())["data"]["test_images"]
+    rows = [f"Its tables (first seed's models; test split of {n} images, one image = {100 / n:.2f} points):", "",
+            "| model | role | params | val acc | test acc | train time |", "|---|---|---:|---:|---:|---:|"]
     rows += [f"| {m['name']} | {m['role']} | {m['params']:,} | {m['val_acc']:.2f}% | {m['test_acc']:.2f}% | "
              f"{m['train_s']:.1f} s |" for m in s["models"]]
     return "\n".join(rows)

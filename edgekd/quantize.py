@@ -32,7 +32,8 @@ from edgekd.errors import EdgeKDError, first_line
 from edgekd.convert import litert_torch_installed, onnx_to_tflite, to_onnx, torch_to_tflite, torch_to_tflite_int8
 from edgekd.deployable import Deployable, deploy_net, model_input, rgb
 from edgekd.export import Artifact, place_checked, check_onnx, check_samples, check_tflite, resolve_data
-from edgekd.runtime import count_tflite_ops, nhwc, onnx_session, run_onnx, TFLiteRunner, tflite_int8_mac_share
+from edgekd.runtime import (count_tflite_ops, nhwc, onnx_int8_mac_share, onnx_session, run_onnx, TFLiteRunner,
+                            tflite_int8_mac_share)
 import edgekd.qat as qat
 import edgekd.rundir as rundir
 from edgekd.teachers import load_teacher
@@ -509,70 +510,7 @@ def count_onnx_ops(path: Path) -> tuple[int, int]:
     return quantized, len(compute) - quantized
 
 
-# onnxruntime's CPU kernels that multiply in int8 (QDQ groups fused at load) and those that multiply in float.
-ORT_INT8_KERNELS = {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-                    "DynamicQuantizeMatMul", "QLinearConvTranspose"}
-ORT_FLOAT_KERNELS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose", "NhwcFusedConv"}
 MIN_INT8_MAC_SHARE = 0.5  # below this, "int8" is a label: most arithmetic still runs in float
-
-
-def onnx_int8_mac_share(path: Path, x_nchw: np.ndarray, workdir: Path) -> float:
-    """The share of multiply-accumulates that onnxruntime executed in int8 kernels on ``x_nchw``.
-
-    Proof from the runtime, not the file: the profiler names every kernel that ran (after
-    onnxruntime fused each DequantizeLinear -> Conv -> QuantizeLinear group, or did not), and the
-    optimized graph it ran gives each kernel's weight shape; a kernel's MACs are its output
-    elements times the weight's reduction size (input channels per group x kernel area, or K).
-    """
-    import onnx
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.enable_profiling = 1, True
-    # Every fusion that decides int8 or float (the QDQ groups) but not the NCHWc layout pass, which
-    # reorders float conv weights into blocks whose shape would misstate their MACs.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    opts.profile_file_prefix = str(workdir / "ort-profile")
-    opts.optimized_model_filepath = str(workdir / "ort-optimized.onnx")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    session.run(None, {session.get_inputs()[0].name: x_nchw.astype(np.float32)})
-    profile = Path(session.end_profiling())
-    events = json.loads(profile.read_text())
-    profile.unlink()
-    graph = onnx.load(opts.optimized_model_filepath).graph
-    Path(opts.optimized_model_filepath).unlink()
-    weights = {t.name: list(t.dims) for t in graph.initializer}
-    nodes = {n.name: n for n in graph.node}
-    macs = {"int8": 0, "float": 0}
-    for e in events:
-        op = e.get("args", {}).get("op_name")
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or op not in ORT_INT8_KERNELS | ORT_FLOAT_KERNELS:
-            continue
-        node = nodes.get(e["name"][: -len("_kernel_time")])
-        outputs = e["args"].get("output_type_shape") or []
-        if node is None or not outputs:
-            continue
-        out_elems = int(np.prod(next(iter(outputs[0].values()))))
-        macs["int8" if op in ORT_INT8_KERNELS else "float"] += out_elems * _reduction_size(node, op, weights)
-    total = macs["int8"] + macs["float"]
-    return macs["int8"] / total if total else 0.0
-
-
-# Where each kernel's weight sits among its inputs.
-_WEIGHT_INPUT = {"QLinearConv": 3, "QLinearConvTranspose": 3, "QGemm": 3, "QLinearMatMul": 3}
-
-
-def _reduction_size(node, op: str, weights: dict[str, list[int]]) -> int:
-    """Multiply-accumulates per output element: a conv weight's size over its output-channel axis
-    ``(Cout, Cin / groups, kH, kW)``, or a matrix weight's K (``(K, N)``, or ``(N, K)`` under transB)."""
-    index = _WEIGHT_INPUT.get(op, 1)
-    shape = weights.get(node.input[index]) if len(node.input) > index else None
-    if not shape:
-        return 0
-    if "Conv" in op:
-        return int(np.prod(shape[1:]))
-    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-    return int(shape[1] if trans_b else shape[0])
 
 
 def onnx_latency_ms(path: Path, runs: int = 200) -> float:

@@ -235,7 +235,7 @@ def test_runtime_proof_counts_the_macs_onnxruntime_ran_in_int8(tmp_path):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from edgekd.convert import to_onnx
-    from edgekd.quantize import onnx_int8_mac_share
+    from edgekd.runtime import onnx_int8_mac_share
 
     class Reader(CalibrationDataReader):
         def __init__(self, x):
