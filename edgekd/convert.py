@@ -8,6 +8,7 @@ PyTorch are export's; this module only converts.
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import os
 import re
@@ -53,6 +54,8 @@ def to_onnx(net: nn.Module, x: torch.Tensor, path: Path, dynamic_batch: bool = T
     if reason is None:
         return _record_exporter(path, "torch.export", TORCH_EXPORT_WHY)
     other = _torchscript_refusal(net, x, path, axes)
+    if other is not None:
+        Path(path).unlink(missing_ok=True)  # neither exporter's file is one to keep
     if other == reason:
         raise EdgeKDError(f"ONNX export failed (both PyTorch exporters): {reason.removeprefix('failed: ')}")
     if other is not None:
@@ -97,14 +100,20 @@ def _torch_export_refusal(net: nn.Module, x: torch.Tensor, path: Path, axes) -> 
 
 
 def _logit_difference(net: nn.Module, x: torch.Tensor, path: Path) -> tuple[float, float]:
-    """Largest |ONNX - PyTorch| logit on ``x`` (batch 1 where the file is fixed to it), and the scale it
-    is judged against. export checks the finished file against PyTorch properly; this only picks the exporter."""
-    x = x if _dynamic_batch(path) else x[:1]
-    got = run_onnx(path, x.detach().cpu().numpy())
-    device = next(net.parameters(), torch.empty(0)).device
-    with torch.no_grad():
-        want = net(x.to(device)).detach().cpu().numpy()
-    return float(np.abs(got - want).max()), float(max(1.0, np.abs(want).max()))
+    """Largest |ONNX - PyTorch| logit on ``x`` and on its first image alone (the batch an app runs; the
+    torch.export-based exporter traced a batch of 2), and the scale it is judged against. The reference runs
+    on the CPU, in fp32 as onnxruntime does. export checks the finished file against PyTorch properly; this
+    only picks the exporter."""
+    ref = net if next(net.parameters(), torch.empty(0)).device.type == "cpu" else copy.deepcopy(net).cpu()
+    batches = [x, x[:1]] if _dynamic_batch(path) else [x[:1]]
+    diff, scale = 0.0, 1.0
+    for xb in batches:
+        xb = xb.detach().cpu()
+        got = run_onnx(path, xb.numpy())
+        with torch.no_grad():
+            want = ref(xb).detach().numpy()
+        diff, scale = max(diff, float(np.abs(got - want).max())), max(scale, float(np.abs(want).max()))
+    return diff, scale
 
 
 def _record_exporter(path: Path, exporter: str, why: str) -> Path:
@@ -120,8 +129,8 @@ def _record_exporter(path: Path, exporter: str, why: str) -> Path:
 
 def recorded_exporter(path: Path) -> dict:
     """``{"exporter": ..., "exporter_why": ..., "opset": N}`` from a file ``to_onnx`` wrote; empty for other files.
-    The opset is the file's own: the torch.export-based exporter keeps 18 for networks with batch norm, where
-    its conversion down to ``ONNX_OPSET`` fails (benchmarks/results/onnx_exporters.md)."""
+    The opset is the file's own: the torch.export-based exporter keeps 18 where its conversion down to
+    ``ONNX_OPSET`` fails (global average pooling: ReduceMean's axes became an input in 18)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -147,8 +156,9 @@ def _export(net: nn.Module, x: torch.Tensor, path: Path, axes, dynamo: bool) -> 
 
 
 def _name_nodes_by_module(path: Path) -> None:
-    """Name each node after the module that made it, as the TorchScript-based exporter does ("/layers.0/conv1/Conv"
-    rather than "node_conv2d_3"): the float fallback and its report name layers by node. Then drop the nodes'
+    """Name each node by the module path that made it, as the TorchScript-based exporter does
+    ("/layers/layers.0/layers.0.bn1/Conv" rather than "node_conv2d_3"; a convolution with its batch norm folded in
+    takes the batch norm's name): the float fallback and its report name layers by node. Then drop the nodes'
     metadata, which holds this machine's source paths and stack traces."""
     import onnx
 
@@ -229,11 +239,13 @@ def torch_to_tflite(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path) -> Path:
+def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path, float_io: bool = False) -> Path:
     """litert-torch's static int8 path (PT2E: symmetric per-channel int8 weights, int8 activations
     calibrated on ``calibration``, NCHW [0, 1] pixels, one image at a time), NHWC input like
     ``torch_to_tflite``'s. Where the first layer is quantized, the converter folds the input's
-    quantization into the input tensor: int8 input."""
+    quantization into the input tensor: int8 input, and likewise int8 output. ``float_io`` keeps both
+    float32, what MediaPipe and the TFLite Task Library load (``_FloatBoundary``)."""
+    net = _FloatBoundary(net) if float_io else net
     litert_torch = _import_litert()
     calibration_nhwc = _nhwc(calibration)
     sample = calibration_nhwc[:1]
@@ -255,6 +267,20 @@ def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path) 
     except Exception as exc:  # noqa: BLE001
         raise EdgeKDError(f"int8 TFLite conversion (litert-torch) failed: {first_line(exc)}") from None
     return path
+
+
+class _FloatBoundary(nn.Module):
+    """``net`` between two operators the PT2E quantizer leaves in float, so litert-torch keeps a QUANTIZE after
+    the input and a DEQUANTIZE before the output instead of folding them into int8 tensors: a clamp of the
+    input to the [0, 1] pixels the network takes, and a double negation of the logits (two float multiplies
+    of 10-odd numbers). Measured on ShuffleNetV2: float32 input and output, int8 in between."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.neg(torch.neg(self.net(torch.clamp(x, 0.0, 1.0))))
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:

@@ -538,7 +538,7 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
             raise
         try:
             files = {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
-                     key: torch_to_tflite_int8(nets[1], i.calib_x, tmp / "model_litert_int8.tflite")}
+                     key: torch_to_tflite_int8(nets[1], i.calib_x, tmp / "model_litert_int8.tflite", float_io=io == "float32")}
         except EdgeKDError as fallback:
             raise EdgeKDError(f"{exc}; the litert-torch fallback too: {fallback}") from None
         _check_litert_io(files[key], io, exc)
@@ -568,8 +568,8 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
 
 
 def _check_litert_io(int8_file: Path, io: str, onnx2tf_error: EdgeKDError) -> None:
-    """litert-torch folds the boundary quantization into the input tensor where the first layer is
-    quantized: the file's input type is the converter's choice, so it is checked against ``io``."""
+    """litert-torch decides the file's input and output types itself (int8 where the first layer is quantized,
+    float32 when asked through ``float_io``; it has no uint8): they are checked against ``io``."""
     runner = TFLiteRunner(int8_file)
     got = runner.input_dtype
     if got != io or runner.output_dtype != got:

@@ -37,7 +37,7 @@ def test_onnx_and_tflite_match_pytorch(exported, digits_model):
 def test_onnx_sidecar_names_the_exporter_and_why(exported, digits_model):
     sidecar = json.loads((digits_model.parent / "export" / "model.onnx.json").read_text())
     assert sidecar["exporter"] == "torch.export" and sidecar["exporter_why"].startswith("PyTorch's current exporter")
-    assert sidecar["opset"] in (17, 18)  # 18 where the exporter could not convert a batch-norm network down
+    assert sidecar["opset"] in (17, 18)  # 18 where the exporter could not convert the network down
 
 
 def test_onnx_has_dynamic_batch_and_named_io(exported):
@@ -497,6 +497,10 @@ def test_litert_torch_converts_with_nhwc_input_and_parity(tmp_path):
     # the input type follows the first layer (here the unfolded normalization stays float): quantize checks it
     assert int8.input_dtype in ("float32", "int8") and count_tflite_ops(int8)[0] > 0
     assert tflite_int8_mac_share(int8) >= 0.9
+    float_io = TFLiteRunner(torch_to_tflite_int8(net, x, tmp_path / "f.tflite", float_io=True))
+    assert (float_io.input_dtype, float_io.output_dtype) == ("float32", "float32")  # what MediaPipe loads
+    assert tflite_int8_mac_share(float_io) >= 0.9
+    assert check_tflite(tmp_path / "f.tflite", x, reference, "int8").top1_agreement >= 75.0
 
 
 def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model, tmp_path, monkeypatch):
@@ -511,9 +515,10 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
     def fp32_stand_in(net, x, path):
         return onnx_to_tflite(to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False), path.parent / "f")["float32"]
 
-    def int8_stand_in(net, calibration, path):
+    def int8_stand_in(net, calibration, path, float_io=False):  # int8 inside; float32 or int8 at the boundary
         onnx_file = to_onnx(net, calibration, path.with_suffix(".onnx"), dynamic_batch=False)
-        return onnx_to_tflite(onnx_file, path.parent / "q", calibration=nhwc(calibration))["full_integer_quant"]
+        files = onnx_to_tflite(onnx_file, path.parent / "q", calibration=nhwc(calibration))
+        return files["integer_quant" if float_io else "full_integer_quant"]
 
     monkeypatch.setattr(quantize_mod, "_onnx2tf_files", onnx2tf_fails)
     monkeypatch.setattr(quantize_mod, "torch_to_tflite", fp32_stand_in)
@@ -522,9 +527,11 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
     with pytest.raises(EdgeKDError, match="channel shuffle"):
         quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "a")
     monkeypatch.setattr(quantize_mod, "litert_torch_installed", lambda: True)
-    with pytest.raises(EdgeKDError, match="channel shuffle; litert-torch made this int8 file with int8 input, not float32: "
-                                          "quantize with --io int8"):  # the types litert-torch chose are checked
-        quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "b")
+    with pytest.raises(EdgeKDError, match="channel shuffle; litert-torch made this int8 file with int8 input, not uint8: "
+                                          "quantize with --io int8"):  # litert-torch has no uint8: the types are checked
+        quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, io="uint8", out_dir=tmp_path / "b")
+    [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "d").models
+    assert m.choice["converter"].startswith("litert-torch") and m.choice["io"] == "float32"  # float I/O by default
     res = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, io="int8", out_dir=tmp_path / "c")
     [m] = res.models
     assert m.choice["converter"].startswith("litert-torch") and "channel shuffle" in m.choice["converter_why"]
@@ -538,3 +545,21 @@ def test_quantize_names_its_backends_and_refuses_an_unknown_format_before_any_wo
     with pytest.raises(EdgeKDError, match="^unknown int8 format 'coreml'; choose one of: onnx, tflite$"):
         quantize_mod.quantize(digits_model, formats=("onnx", "coreml"), out_dir=tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_onnx_export_checks_the_single_image_batch_an_app_runs(tmp_path):
+    """torch.export traces a batch of 2; a network that differs at batch 1 must not pass as agreeing."""
+    from edgekd.convert import recorded_exporter, to_onnx
+
+    class OddAtOne(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _tiny_net()
+
+        def forward(self, x):
+            y = self.net(x)
+            return y * 0 if x.shape[0] == 1 else y
+
+    path = to_onnx(OddAtOne().eval(), torch.rand(4, 3, 8, 8), tmp_path / "m.onnx")
+    assert recorded_exporter(path)["exporter"] == "torchscript", recorded_exporter(path)
+    assert "gave logits" in recorded_exporter(path)["exporter_why"]
