@@ -547,6 +547,7 @@ def test_quantize_names_its_backends_and_refuses_an_unknown_format_before_any_wo
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the batch-size branch is the point of the test
 def test_onnx_export_checks_the_single_image_batch_an_app_runs(tmp_path):
     """torch.export traces a batch of 2; a network that differs at batch 1 must not pass as agreeing."""
     from edgekd.convert import recorded_exporter, to_onnx
