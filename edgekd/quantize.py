@@ -244,7 +244,7 @@ def _tflite_backend(job: _Job) -> QuantizedModel:
     onnx_b1 = job.onnx_fp32 if job.exported else to_onnx(job.net, i.check_x, tmp / "model_b1.onnx", dynamic_batch=False)
     qat_b1 = None if job.int8_net is job.net else to_onnx(job.int8_net, i.check_x, tmp / "model_qat_b1.onnx",
                                                             dynamic_batch=False)
-    return _quantize_tflite(onnx_b1, qat_b1, tmp, i, job.io, job.target, (job.net, job.int8_net))
+    return _quantize_tflite(onnx_b1, qat_b1, tmp, i, job.io, job.target, (job.net, job.int8_net), job.max_drop)
 
 
 BACKENDS.register("onnx")(("onnx: static int8 quantization with onnxruntime", _onnx_backend))
@@ -525,27 +525,63 @@ def onnx_latency_ms(path: Path, runs: int = 200) -> float:
 # TFLite
 
 
-def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets):
+LITERT = "litert-torch (PT2E static int8, symmetric per-channel weights)"
+
+
+def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets, max_drop=None):
     """int8 from ``onnx_qat`` when QAT made one, else from ``onnx_fp32``; the fp32 file always from ``onnx_fp32``.
-    Where onnx2tf fails and litert-torch is installed, both from ``nets`` (fp32, int8 source) through
-    litert-torch, kept when the input and output types it chose are ``io``'s."""
-    i = inputs
+    Where litert-torch is installed it is the second converter, from ``nets`` (fp32, int8 source): used where
+    onnx2tf fails, and chosen by measurement where onnx2tf's int8 file loses more than ``max_drop`` points on the
+    validation split (the file that loses less there is kept; the test split is read once, by the gate)."""
     key = "integer_quant" if io == "float32" else "full_integer_quant"
     try:
-        files, converter = _onnx2tf_files(onnx_fp32, onnx_qat, tmp, i, io), {"converter": "onnx2tf"}
+        files = _onnx2tf_files(onnx_fp32, onnx_qat, tmp, inputs, io)
     except EdgeKDError as exc:
         if not litert_torch_installed():
             raise
         try:
-            files = {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
-                     key: torch_to_tflite_int8(nets[1], i.calib_x, tmp / "model_litert_int8.tflite", float_io=io == "float32")}
+            files = _litert_files(nets, tmp, inputs, key, io)
         except EdgeKDError as fallback:
             raise EdgeKDError(f"{exc}; the litert-torch fallback too: {fallback}") from None
         _check_litert_io(files[key], io, exc)
-        converter = {"converter": "litert-torch (PT2E static int8, symmetric per-channel weights)",
-                     "converter_why": f"onnx2tf failed: {exc}"}
+        return _tflite_model(files, key, inputs, io, target, {"converter": LITERT, "converter_why": f"onnx2tf failed: {exc}"})
     if key not in files or "float32" not in files:
         raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")
+    first = None if max_drop is None or not litert_torch_installed() or not len(inputs.val_y) else _val_drop(files, key, inputs)
+    if first is None or first <= max_drop:
+        return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf"})
+    return _better_converter(files, first, nets, tmp, inputs, key, io, target)
+
+
+def _better_converter(files, onnx2tf_drop: float, nets, tmp, inputs: _Inputs, key, io, target) -> QuantizedModel:
+    """onnx2tf's int8 file lost ``onnx2tf_drop`` validation points, more than the gate allows: litert-torch's
+    files too, and the pair whose int8 file loses less on validation is kept, with both drops recorded."""
+    why = f"onnx2tf's int8 file lost {onnx2tf_drop:.2f} validation points, more than --max-drop"
+    try:
+        other = _litert_files(nets, tmp, inputs, key, io)
+        _check_litert_io(other[key], io, EdgeKDError("onnx2tf's int8 file missed the gate"))
+    except EdgeKDError as exc:
+        return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "converter_why": f"{why}; litert-torch: {exc}"})
+    second = _val_drop(other, key, inputs)
+    why = f"{why}; litert-torch's lost {second:.2f}"
+    if second < onnx2tf_drop:
+        return _tflite_model(other, key, inputs, io, target, {"converter": LITERT, "converter_why": f"{why}: kept"})
+    return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "converter_why": f"{why}: onnx2tf's kept"})
+
+
+def _litert_files(nets, tmp: Path, i: _Inputs, key: str, io: str) -> dict[str, Path]:
+    return {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
+            key: torch_to_tflite_int8(nets[1], i.calib_x, tmp / "model_litert_int8.tflite", float_io=io == "float32")}
+
+
+def _val_drop(files: dict[str, Path], key: str, i: _Inputs) -> float:
+    """fp32 minus int8 top-1 on the validation split, each file through LiteRT."""
+    fp32, int8 = (_accuracy(TFLiteRunner(files[k])(nhwc(i.val_x)), i.val_y) for k in ("float32", key))
+    return fp32 - int8
+
+
+def _tflite_model(files: dict[str, Path], key: str, i: _Inputs, io: str, target: str, converter: dict) -> QuantizedModel:
+    """The fp32 and int8 pair checked against PyTorch, proven int8 and evaluated on the test split."""
     fp32_art = check_tflite(files["float32"], i.check_x, i.reference, "fp32")
     fp32_art = dataclasses.replace(fp32_art, extra={**fp32_art.extra, **converter})
     art = check_tflite(files[key], i.check_x, i.reference, "int8")

@@ -564,3 +564,39 @@ def test_onnx_export_checks_the_single_image_batch_an_app_runs(tmp_path):
     path = to_onnx(OddAtOne().eval(), torch.rand(4, 3, 8, 8), tmp_path / "m.onnx")
     assert recorded_exporter(path)["exporter"] == "torchscript", recorded_exporter(path)
     assert "gave logits" in recorded_exporter(path)["exporter_why"]
+
+
+def test_tflite_converter_is_chosen_by_validation_drop_when_onnx2tf_misses_the_gate(digits_model, tmp_path, monkeypatch):
+    """Where onnx2tf works but its int8 file loses more than --max-drop on validation, litert-torch's files are
+    made too and the pair that loses less on validation is kept (litert-torch stood in for by onnx2tf's files)."""
+    quantize_mod = importlib.import_module("edgekd.quantize")
+    from edgekd.convert import onnx_to_tflite, to_onnx
+    from edgekd.runtime import nhwc
+
+    def fp32_stand_in(net, x, path):
+        return onnx_to_tflite(to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False), path.parent / "f")["float32"]
+
+    def int8_stand_in(net, calibration, path, float_io=False):
+        onnx_file = to_onnx(net, calibration, path.with_suffix(".onnx"), dynamic_batch=False)
+        files = onnx_to_tflite(onnx_file, path.parent / "q", calibration=nhwc(calibration))
+        return files["integer_quant" if float_io else "full_integer_quant"]
+
+    drops, measured = {"onnx2tf": 3.0, "litert": 0.5}, []
+
+    def val_drop(files, key, inputs):
+        measured.append("litert" if "litert" in files[key].name else "onnx2tf")
+        return drops[measured[-1]]
+
+    monkeypatch.setattr(quantize_mod, "torch_to_tflite", fp32_stand_in)
+    monkeypatch.setattr(quantize_mod, "torch_to_tflite_int8", int8_stand_in)
+    monkeypatch.setattr(quantize_mod, "litert_torch_installed", lambda: True)
+    monkeypatch.setattr(quantize_mod, "_val_drop", val_drop)
+    [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "a").models
+    assert measured == [] and m.choice["converter"] == "onnx2tf"  # no --max-drop: nothing to choose between
+    [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "b").models
+    assert measured == ["onnx2tf", "litert"] and m.choice["converter"].startswith("litert-torch")
+    assert m.choice["converter_why"] == ("onnx2tf's int8 file lost 3.00 validation points, more than --max-drop; "
+                                         "litert-torch's lost 0.50: kept")
+    drops["litert"] = 4.0
+    [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "c").models
+    assert m.choice["converter"] == "onnx2tf" and m.choice["converter_why"].endswith("litert-torch's lost 4.00: onnx2tf's kept")
