@@ -1,12 +1,15 @@
-"""The `edgekd` command: each command parses options, builds a config, calls the library, renders.
+"""The `edgekd` command: each command parses options, calls one library function, renders.
 
-Heavy modules (torch, the library) are imported inside commands so `edgekd --help` stays fast.
-Human output goes to stderr; `--json` puts machine output alone on stdout. One module per
-command group registers its commands on the shared app.
+Human output goes to stderr; `--json` puts machine output alone on stdout. One module per command group
+lists its commands in ``COMMANDS``; they are registered on the shared app here, in the order `--help` shows.
 """
 
-from edgekd.cli import train, run, export, bench, package  # noqa: F401, I001 - importing registers the commands
+from edgekd.cli import bench, export, package, run, train
 from edgekd.cli.common import app
+
+for _group in (run, train, export, bench, package):
+    for _name, _command in _group.COMMANDS.items():
+        app.command(_name)(_command)
 
 
 def main() -> None:

@@ -10,13 +10,12 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from edgekd.cli.common import AsJson, _guarded, _progress, app, err
+from edgekd.cli.common import AsJson, _guarded, _progress, err
 import edgekd.rundir as rundir
 from edgekd.bench import bench
 from edgekd.report import bench_table, write_bench_report
 
 
-@app.command("bench")
 def bench_cmd(
     models: Annotated[list[Path], typer.Argument(help="Checkpoints (.pt), .onnx and .tflite files, or run directories")],
     data: Annotated[Optional[str], typer.Option("--data", help="Dataset whose test split is used \\[default: the one in the models' run config]")] = None,
@@ -59,3 +58,6 @@ def bench_cmd(
         err.print(f"[bold red]error:[/] {escape(r.name)}: {escape(r.error or '')}", highlight=False, soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
+
+
+COMMANDS = {"bench": bench_cmd}  # name -> command, registered by edgekd.cli

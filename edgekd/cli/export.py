@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from edgekd.cli.common import AsJson, _guarded, app, err
+from edgekd.cli.common import AsJson, _guarded, err
 from edgekd.export import export
 from edgekd.quantize import quantize, result_dict
 
@@ -22,7 +22,6 @@ def _status(message: str) -> None:
     err.print(f"[bold]{message}[/]")
 
 
-@app.command("export")
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="edgekd checkpoint (e.g. runs/distill-x/best.pt)")],
     fmt: Annotated[Optional[list[str]], typer.Option("--format", "-f", help="onnx and/or tflite, repeatable \\[default: both]")] = None,
@@ -51,7 +50,6 @@ def export_cmd(
         sys.stdout.write(json.dumps([a.to_dict() for a in result.artifacts], indent=2) + "\n")
 
 
-@app.command("quantize")
 def quantize_cmd(
     model: Annotated[Path, typer.Argument(help="edgekd checkpoint, its run directory, or an .onnx edgekd exported (its .json sidecar names the checkpoint)")],
     data: DataOpt = None,
@@ -119,3 +117,6 @@ def _print_choices(result) -> None:
             err.print(f"{m.format}: {fb['why']} ({fb['probed_layers']} layers probed)", highlight=False)
         if m.choice.get("caveat"):
             err.print(f"[yellow]warning:[/] {m.format}: {m.choice['caveat']}", highlight=False)
+
+
+COMMANDS = {"export": export_cmd, "quantize": quantize_cmd}  # name -> command, registered by edgekd.cli

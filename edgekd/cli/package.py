@@ -11,11 +11,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgekd.cli.common import AsJson, _guarded, app, err
+from edgekd.cli.common import AsJson, _guarded, err
 from edgekd.package import package
 
 
-@app.command("package")
 def package_cmd(
     source: Annotated[Path, typer.Argument(help="A run directory (edgekd run or train/distill), a checkpoint, or a .tflite file")],
     out: Annotated[Path, typer.Option("--out", help="Bundle folder: new, empty, or a bundle edgekd wrote (only the files it lists are replaced)")] = Path("bundle"),
@@ -49,3 +48,6 @@ def package_cmd(
         err.print(f"[bold red]error:[/] the bundle failed its own check: {failed[0].name}: {escape(failed[0].detail)}",
                   highlight=False)
         raise typer.Exit(1)
+
+
+COMMANDS = {"package": package_cmd}  # name -> command, registered by edgekd.cli

@@ -10,14 +10,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from edgekd.cli.common import AsJson, _Bars, _guarded, _progress, app, err
+from edgekd.cli.common import AsJson, _Bars, _guarded, _progress, err
 import edgekd.rundir as rundir
 from edgekd.pipeline import run
 from edgekd.report import comparison_table, deploy_table, kd_gain_lines, pipeline_table
 from edgekd.zoo import ARCHS, list_architectures
 
 
-@app.command("run")
 def run_cmd(
     config: Annotated[Optional[Path], typer.Argument(help="Pipeline TOML; the embedded default (digits) when omitted")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run directory (new or empty unless --resume)")] = Path("runs/default"),
@@ -85,7 +84,6 @@ def _print_qat(deployed: dict | None) -> None:
               f"{q['teacher']} (deploy/model_qat.pt)", highlight=False)
 
 
-@app.command("models")
 def models_cmd(
     pattern: Annotated[str, typer.Argument(help="Glob filter, e.g. 'seed*' or 'torchvision:mobilenet*'")] = "*",
 ) -> None:
@@ -95,3 +93,6 @@ def models_cmd(
         doc = ((ARCHS.get(name).__doc__ or "").strip().splitlines()[0] if name in ARCHS
                else f"{name.split(':')[0]}, new head")
         typer.echo(f"{name:32s} {doc}")
+
+
+COMMANDS = {"run": run_cmd, "models": models_cmd}  # name -> command, registered by edgekd.cli

@@ -11,7 +11,7 @@ from typing import Annotated, NamedTuple, Optional
 
 import typer
 
-from edgekd.cli.common import AsJson, Config, Out, Resume, _Bars, _build_config, _fail, _guarded, _progress, app, err
+from edgekd.cli.common import AsJson, Config, Out, Resume, _Bars, _build_config, _fail, _guarded, _progress, err
 import edgekd.rundir as rundir
 from edgekd.distill import train
 from edgekd.report import teacher_table, train_table
@@ -94,7 +94,6 @@ def _train(cfg, out: Optional[Path], command: str, resume: bool, as_json: bool) 
         sys.stdout.write(json.dumps(result.summary(), indent=2) + "\n")
 
 
-@app.command("train")
 @_with_shared_options
 def train_cmd(
     arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture, see `edgekd models` \\[default: edge_resnet_s]")] = None,
@@ -114,7 +113,6 @@ def train_cmd(
     _train(cfg, out, "train", resume, as_json)
 
 
-@app.command("distill")
 @_with_shared_options
 def distill_cmd(
     teacher: Annotated[Optional[list[str]], typer.Option("--teacher", "-t", help="Teacher file, repeat for several: edgekd .pt, TorchScript, .onnx, .keras/.h5, .tflite")] = None,
@@ -146,3 +144,6 @@ def distill_cmd(
     if not cfg.kd.teachers:
         _fail("distill needs at least one --teacher FILE (or kd.teachers in --config); use `edgekd train` for a scratch model")
     _train(cfg, out, "distill", resume, as_json)
+
+
+COMMANDS = {"train": train_cmd, "distill": distill_cmd}  # name -> command, registered by edgekd.cli
