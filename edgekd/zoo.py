@@ -209,10 +209,10 @@ class ResNet(nn.Module):
 
 # name: (widths a stage, blocks a stage, what it is)
 RESNETS = {
-    "edge_resnet_s": ((32, 64, 112), 1, "edgekd's default student: widths 32-64-112, one block a stage (~264k params)"),
-    "resnet8": ((16, 32, 64), 1, "ResNet-8: widths 16-32-64, MLPerf Tiny's image classifier (~78k params)"),
-    "resnet20": ((16, 32, 64), 3, "ResNet-20 (He et al. 2016): widths 16-32-64, three blocks a stage (~0.27M params)"),
-    "resnet_m": ((48, 96, 192), 2, "a mid-size teacher: widths 48-96-192, two blocks a stage (~1.56M params)"),
+    "edge_resnet_s": ((32, 64, 112), 1, "edgekd's default student: ResNet with widths 32-64-112, one block a stage (~264k params)."),
+    "resnet8": ((16, 32, 64), 1, "ResNet-8 (widths 16-32-64, MLPerf Tiny's image classifier, ~78k params)."),
+    "resnet20": ((16, 32, 64), 3, "ResNet-20 (He et al. 2016, widths 16-32-64, three blocks a stage, ~0.27M params)."),
+    "resnet_m": ((48, 96, 192), 2, "A mid-size teacher: widths 48-96-192, two blocks a stage (~1.56M params)."),
 }
 
 
