@@ -1,8 +1,9 @@
-"""The converters: PyTorch -> ONNX (torch.onnx) -> TFLite (onnx2tf), offline.
+"""The converters: PyTorch -> ONNX (torch.onnx) -> TFLite (onnx2tf offline, or litert-torch).
 
 ONNX keeps PyTorch's NCHW layout with a dynamic batch; TFLite takes NHWC with batch 1, the
-mobile convention (onnx2tf does the transposition). The checks that each file agrees with
-PyTorch are export's; this module only converts.
+mobile convention (onnx2tf does the transposition). The checks that each finished file agrees with
+PyTorch on real images are export's; this module only converts, running the export sample through
+a fresh ONNX file once to choose between PyTorch's two exporters.
 """
 
 from __future__ import annotations
