@@ -128,3 +128,47 @@ def test_pool_before_activation_leaves_other_pairs_alone():
 
     m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.MaxPool2d(2), nn.ReLU(), nn.AvgPool2d(2))
     assert pool_before_activation(m) is m  # only piecewise-linear activations move; avg pool is no max
+
+
+def test_whitened_stem_decorrelates_patches():
+    """fastcnn's data-dependent init: the stem's +/- filter pairs give decorrelated, unit-variance patch
+    projections on the images it was fitted to, and the 3x3 convolutions start as identities."""
+    from edgekd.zoo import FastCNN
+
+    torch.manual_seed(0)
+    mix = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.3, 0.0], [0.5, 0.5, 0.2]])  # strongly correlated channels
+    x = torch.einsum("oc,nchw->nohw", mix, torch.randn(32, 3, 16, 16)) + 3.0
+    model = build_model("fastcnn", 10, 3, (16, 16))
+    assert isinstance(model, FastCNN) and not model[0][0].weight.requires_grad
+    model.init_from_data(x)
+    stem = model[0][0]
+    out = torch.nn.functional.conv2d(x, stem.weight, stem.bias)[:, :12].permute(1, 0, 2, 3).reshape(12, -1)
+    cov = torch.cov(out)
+    assert torch.allclose(out.mean(1), torch.zeros(12), atol=1e-3)
+    assert torch.allclose(cov - torch.diag(cov.diag()), torch.zeros(12, 12), atol=1e-3)  # decorrelated
+    assert cov.diag().max() < 1.001 and cov.diag().min() > 0.9  # unit variance; eps shrinks the smallest a little
+    assert torch.equal(stem.weight[:12], -stem.weight[12:])
+    conv = model[0][6]  # the first block's second conv, 64 -> 64: exactly the identity
+    probe = torch.randn(1, 64, 5, 5)
+    assert torch.allclose(torch.nn.functional.conv2d(probe, conv.weight, padding=1), probe)
+
+
+def test_training_fastcnn_keeps_its_fitted_stem_and_resumes(synth, tmp_path):
+    """train fits the stem once, on a fresh run; it stays frozen through training and a resume."""
+    from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
+    from edgekd.checkpoint import load_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(kind, epoch, *_):
+        if kind == "epoch":
+            raise Stop
+
+    cfg = DistillConfig(model=ModelConfig(arch="fastcnn"), recipe=RecipeConfig(epochs=2, batch_size=32, augment_pad=0))
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "run", data=synth, on_step=stop_after_first_epoch)
+    w1 = load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]["0.0.weight"]
+    assert torch.equal(w1[:12], -w1[12:])  # fitted +/- pairs, not torch's random init
+    assert train(cfg, tmp_path / "run", data=synth, resume=True).epochs == 2
+    assert torch.equal(load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]["0.0.weight"], w1)
