@@ -454,8 +454,6 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
             on_step("warning", 0, 0, {"message": warning})
     torch.manual_seed(cfg.recipe.seed)
     model, meta, spec = _build_on(cfg, data, rt.device)
-    if not resume:
-        _init_from_data(model, data, spec, rt.device)
     out.mkdir(parents=True, exist_ok=True)
     if rt.main:
         clean_stale_temps(out)
@@ -504,18 +502,6 @@ def _build_on(cfg: DistillConfig, data: ImageData, device: torch.device):
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, meta, spec
-
-
-def _init_from_data(model: nn.Module, data: ImageData, spec: InputSpec, device: torch.device) -> None:
-    """An architecture's data-dependent initialisation (``init_from_data``: fastcnn whitens its stem),
-    from an evenly strided sample of the training images, the same on every process."""
-    init = getattr(model, "init_from_data", None)
-    if init is None:
-        return
-    h, w = spec.size
-    n = max(64, 5_000_000 // (h * w))  # 4,882 images at 32 px; a bounded sample at larger sizes
-    sample = data.train_x[::max(1, len(data.train_x) // n)][:n]
-    init(spec(to_unit(sample.to(device))))
 
 
 def _make_loop(cfg, out, model, data, spec, precision, rt, teachers, resume, cache_dir, on_step) -> tuple[Loop, dict]:

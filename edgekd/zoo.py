@@ -233,68 +233,15 @@ def _pool_block(cin: int, cout: int) -> list[nn.Module]:
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class FastCNN(nn.Sequential):
-    """fastcnn's network: ``features`` (a 2x2 stem, three pooled blocks, global max-pool) and a linear head.
-
-    ``init_from_data`` is its training-time initialisation (edgekd's ``train`` calls it on a fresh run):
-    the fast-training practice of Keller Jordan's airbench ablations, where whitening the first layer and
-    identity-initialising the convolutions each cut the epochs to a given accuracy
-    (benchmarks/results/cifar10_teacher_whiten.md measures it here). Our own: neither torchvision nor timm
-    ships a data-dependent initialisation.
-    """
-
-    def __init__(self, features: nn.Sequential, head: nn.Linear):
-        super().__init__(features, head)
-        features[0].weight.requires_grad_(False)  # the stem's filters are set from data, not trained
-
-    def init_from_data(self, x: torch.Tensor) -> None:
-        """Whiten the stem on ``x`` (normalised training images, NCHW); identity-initialise
-        every 3x3 convolution. The stem's filters come in +/- pairs of the patches' principal directions,
-        each scaled to unit variance, so the ReLU after it keeps both signs of every direction.
-
-        Example:
-            >>> m = fastcnn(10, 3, (32, 32))
-            >>> m.init_from_data(torch.randn(64, 3, 32, 32) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1))
-            >>> stem = m[0][0]
-            >>> out = F.conv2d(torch.randn(64, 3, 32, 32) * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1), stem.weight, stem.bias)
-            >>> round(out[:, :12].var().item(), 1), stem.weight.requires_grad
-            (1.0, False)
-        """
-        stem = self[0][0]
-        _whiten_conv(stem, x)
-        for conv in (m for m in self[0].modules() if isinstance(m, nn.Conv2d) and m is not stem):
-            nn.init.dirac_(conv.weight.data[:conv.in_channels])  # the first in_channels filters pass their input on
-
-
-@torch.no_grad()
-def _whiten_conv(conv: nn.Conv2d, x: torch.Tensor, eps: float = 5e-4) -> None:
-    """Set ``conv`` (stride 1, no padding) to whiten its input patches: the principal directions of the
-    patches of ``x``, scaled by 1 / sqrt(variance + eps), as +/- pairs, the bias centring them."""
-    c, kh, kw = conv.in_channels, *conv.kernel_size
-    patches = x.float().unfold(2, kh, 1).unfold(3, kw, 1)  # N, C, H', W', kh, kw
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * kh * kw)
-    mean = patches.mean(0)
-    centred = patches - mean
-    variance, directions = torch.linalg.eigh(centred.T @ centred / len(centred))  # ascending
-    pairs = min(conv.out_channels // 2, c * kh * kw)
-    variance, directions = variance.flip(0)[:pairs], directions.flip(1)[:, :pairs].T  # the largest first
-    w = directions / torch.sqrt(variance.clamp_min(0) + eps)[:, None]
-    w = torch.cat([w, -w])
-    conv.weight.data[:len(w)] = w.view(-1, c, kh, kw).to(conv.weight)
-    if conv.bias is not None:
-        conv.bias.data[:len(w)] = -(w @ mean).to(conv.bias)
-
-
 @ARCHS.register("fastcnn")
 def fastcnn(num_classes, in_channels, input_size):
     """A fast-training CIFAR teacher (~2M params): a 2x2 stem, then three blocks of conv -> max-pool ->
     BN -> ReLU -> conv -> BN -> ReLU (widths 64-256-256), global max-pool, linear. The shape of Keller
     Jordan's airbench94 (pooling inside each block keeps most convolutions small), with ReLU for
-    speed on the CPU and for int8. Trained by edgekd, it starts from a whitened stem and identity
-    convolutions (``FastCNN.init_from_data``)."""
+    speed on the CPU and for int8."""
     f = nn.Sequential(nn.Conv2d(in_channels, 24, 2, bias=True), nn.ReLU(inplace=True), *_pool_block(24, 64),
                       *_pool_block(64, 256), *_pool_block(256, 256), nn.AdaptiveMaxPool2d(1), nn.Flatten())
-    return FastCNN(f, nn.Linear(256, num_classes))
+    return nn.Sequential(f, nn.Linear(256, num_classes))
 
 
 # ---------------------------------------------------------------------------------------------
