@@ -69,6 +69,8 @@ def run_one(cfg: DistillConfig, out: Path, data, cache_dir: Path | None = None) 
         res = train(cfg, out, data=data, resume=(out / "last.pt").is_file(), cache_dir=cache_dir)
         outcome = {"collapsed": None, "test_acc": res.test_acc, "val_acc": res.best_val_acc,
                    "train_s": round(res.train_s, 1), "teacher_cache_s": round(res.teacher_cache_s, 1)}
+        if res.teacher_reports:  # is the teacher ahead of the student at all?
+            outcome["teacher_val_acc"] = res.teacher_reports[0].val_acc
     except EdgeKDError as exc:
         outcome = {"collapsed": str(exc), "test_acc": None, "val_acc": None}
     outcome["wall_s_this_process"] = round(time.perf_counter() - t0, 1)
@@ -126,9 +128,11 @@ def write(args, rows: dict) -> None:
                                                            "runs": rows}, indent=2) + "\n")
     cmd = (f"python benchmarks/kd_vs_twin.py {args.dataset} {args.teacher} --student {args.student} --epochs {args.epochs} "
            f"--seeds {' '.join(map(str, args.seeds))} --modes {' '.join(args.modes)} --name {args.name}")
+    teacher = next((r["kd"]["teacher_val_acc"] for m in rows.values() for r in m.values() if "teacher_val_acc" in r["kd"]), None)
     text = ["# Distillation against its matched scratch twin", "", f"`{cmd}`", "",
             "Accuracies are top-1 in percent (mean +- sd over seeds); run times are whole runs in seconds, the teacher's "
-            "cache or online calls included. The twin makes the same student passes on the same augmentation.", "",
+            "cache or online calls included. The twin makes the same student passes on the same augmentation."
+            + (f" The teacher's validation top-1: {teacher:.2f}%." if teacher is not None else ""), "",
             *table(rows), ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(text))
 
