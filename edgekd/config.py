@@ -150,6 +150,10 @@ class RecipeConfig:
     # teacher then answers for the blended images the student sees (consistent "function matching",
     # Beyer et al. 2022), and a matched scratch twin mixes the same way.
     mixup_alpha: float = 0.0
+    # CutMix (Yun et al. 2019): a box of the shuffled copy is pasted into each image, the labels weighted by the
+    # area each image keeps; the box's share is drawn from Beta(a, a); 0 turns it off. With mixup_alpha too, each
+    # batch is one or the other at even odds. The same teacher rule as mixup (kd.cache_views = 0).
+    cutmix_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -158,7 +162,7 @@ class RecipeConfig:
             "schedule": ("choice", ("onecycle", "cosine", "constant")), "label_smoothing": ("between", 0.0, 0.99),
             "augment_pad": ("min", 0), "seed": ("min", 0), "eval_batch_size": ("min", 1),
             "precision": ("choice", ("auto", "fp32", "bf16", "fp16")), "repeat_share": ("between", 0.0, 1.0),
-            "mixup_alpha": ("min", 0.0),
+            "mixup_alpha": ("min", 0.0), "cutmix_alpha": ("min", 0.0),
             "clip_grad": ("above", 1.0)})
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise ConfigValueError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")

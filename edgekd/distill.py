@@ -650,8 +650,9 @@ def _validate(cfg: DistillConfig) -> None:
     if kd.hint_weight and Path(kd.teachers[0]).suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise EdgeKDError(f"kd.hint_weight needs an edgekd checkpoint teacher (.pt), not {Path(kd.teachers[0]).name}: "
                           "its layers are what the student's feature map is matched to")
-    if cfg.recipe.mixup_alpha and kd.teachers and kd.cache_views > 0:
-        raise EdgeKDError("recipe.mixup_alpha needs the teacher on every batch (kd.cache_views = 0, --cache-views 0): "
+    mixing = [name for name in ("mixup_alpha", "cutmix_alpha") if getattr(cfg.recipe, name)]
+    if mixing and kd.teachers and kd.cache_views > 0:
+        raise EdgeKDError(f"recipe.{mixing[0]} needs the teacher on every batch (kd.cache_views = 0, --cache-views 0): "
                           "cached teacher outputs are for unmixed images")
 
 
@@ -825,10 +826,9 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float, 
     y = loop.data.train_y[idx].to(rt.device, non_blocking=True)
     params, t_logits = _batch_views(loop.cache, order, idx, rt.device, augment=bool(pad or loop.flip))
     x_unit = to_unit(apply_augment(x_u8, params, pad))
-    mix = _mixup(loop, key, len(idx))
+    mix = _mix(loop, key, len(idx), tuple(x_unit.shape[-2:]))
     if mix is not None:  # before the teacher runs: it answers for the very images the student sees
-        lam, partner = mix
-        x_unit = lam * x_unit + (1.0 - lam) * x_unit[partner]
+        x_unit = mix.apply(x_unit)
     t_features = None
     if loop.hint is not None:  # the teacher's own network: its logits and its feature map in one pass
         t_logits, t_features = loop.hint.teacher_outputs(x_unit)
@@ -845,28 +845,59 @@ def _forward(loop: Loop, order: EpochOrder, idx: torch.Tensor, progress: float, 
     loss = losses.distillation_loss(logits, y, t_logits, alpha=alpha, temperature=kd.temperature,
                                     weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
     if mix is not None:  # the labels mix as the images did; the teacher's term is the same in both
-        other = losses.distillation_loss(logits, y[mix[1]], t_logits, alpha=alpha, temperature=kd.temperature,
+        other = losses.distillation_loss(logits, y[mix.partner], t_logits, alpha=alpha, temperature=kd.temperature,
                                          weights=loop.weights, label_smoothing=loop.recipe.label_smoothing)
-        loss = mix[0] * loss + (1.0 - mix[0]) * other
+        loss = mix.lam * loss + (1.0 - mix.lam) * other
     if t_features is not None:
         s_features = loop.hint.student_tap.take()[:len(idx)].float()
         ramp = losses.warmup_ramp(progress, kd.warmup_epochs)
         loss = loss + kd.hint_weight * ramp * losses.hint_loss(loop.hint.adapter(s_features), t_features)
     if n_fresh:
         loss = losses.with_fresh_views(loss, len(idx), fresh_logits, y[:n_fresh], loop.recipe.label_smoothing)
-    scored = y if mix is None or mix[0] >= 0.5 else y[mix[1]]  # training accuracy: the dominant image's label
+    scored = y if mix is None or mix.lam >= 0.5 else y[mix.partner]  # training accuracy: the dominant image's label
     return loss, logits, scored, len(x_unit)
 
 
-def _mixup(loop: Loop, key: tuple[int, int], n: int) -> tuple[float, torch.Tensor] | None:
-    """The batch's mixup: a weight from Beta(a, a) and each image's partner, drawn from a generator of
-    its own keyed by (seed, epoch, step, rank), so a resumed run mixes exactly as an uninterrupted one."""
-    a = loop.recipe.mixup_alpha
-    if not a:
+@dataclass(frozen=True)
+class Mix:
+    """One batch's mixup or CutMix: each image is blended with ``partner`` (indices into the batch) and its
+    label weighs ``lam``; CutMix pastes the partner's pixels in ``box`` (rows y0:y1, columns x0:x1)."""
+
+    lam: float
+    partner: torch.Tensor
+    box: tuple[int, int, int, int] | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.box is None:
+            return self.lam * x + (1.0 - self.lam) * x[self.partner]
+        y0, y1, x0, x1 = self.box
+        out = x.clone()
+        out[:, :, y0:y1, x0:x1] = x[self.partner, :, y0:y1, x0:x1]
+        return out
+
+
+def _mix(loop: Loop, key: tuple[int, int], n: int, size: tuple[int, int]) -> Mix | None:
+    """The batch's mixup or CutMix (None without either), drawn from a generator of its own keyed by (seed, epoch,
+    step, rank), so a resumed run mixes exactly as an uninterrupted one.
+
+    Our own rather than torchvision's ``v2.MixUp``/``v2.CutMix``: those draw from torch's global generator
+    and return soft labels, and the teacher's term needs each image's partner and a resumable draw."""
+    r = loop.recipe
+    if not (r.mixup_alpha or r.cutmix_alpha):
         return None
-    rng = np.random.default_rng((loop.recipe.seed, key[0], key[1], loop.rt.rank))
+    rng = np.random.default_rng((r.seed, key[0], key[1], loop.rt.rank))
+    cut = bool(r.cutmix_alpha) and (not r.mixup_alpha or rng.random() < 0.5)  # drawn only when both are on
+    a = r.cutmix_alpha if cut else r.mixup_alpha
     lam = float(rng.beta(a, a))
-    return lam, torch.from_numpy(rng.permutation(n)).to(loop.rt.device)
+    partner = torch.from_numpy(rng.permutation(n)).to(loop.rt.device)
+    if not cut:
+        return Mix(lam, partner)
+    (h, w), side = size, math.sqrt(1.0 - lam)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))  # the box's centre; it is clipped at the borders
+    bh, bw = round(h * side), round(w * side)
+    y0, y1 = max(0, cy - bh // 2), min(h, cy + bh - bh // 2)
+    x0, x1 = max(0, cx - bw // 2), min(w, cx + bw - bw // 2)
+    return Mix(1.0 - (y1 - y0) * (x1 - x0) / (h * w), partner, (y0, y1, x0, x1))  # the area actually kept
 
 
 def _repeat_share(loop: Loop) -> float:

@@ -153,10 +153,10 @@ def test_batch_norm_re_estimation_samples_the_whole_split():
     assert abs(float(bn.running_mean) - 0.5) < 0.01
 
 
-def _mixup_cfg(teachers=(), cache_views=0, mixup=0.4, epochs=2):
+def _mixup_cfg(teachers=(), cache_views=0, mixup=0.4, epochs=2, cutmix=0.0):
     return DistillConfig(model=ModelConfig(arch="seed003_student"),
                          recipe=RecipeConfig(epochs=epochs, batch_size=32, optimizer="adam", lr=0.003, augment_pad=2,
-                                             augment_flip=True, mixup_alpha=mixup),
+                                             augment_flip=True, mixup_alpha=mixup, cutmix_alpha=cutmix),
                          kd=KDConfig(teachers=tuple(str(t) for t in teachers), cache_views=cache_views))
 
 
@@ -214,6 +214,52 @@ def test_training_accuracy_under_mixup_counts_the_dominant_images_label(synth, t
     mod = importlib.import_module("edgekd.distill")
     n = len(synth.train_x)
     # every batch is entirely its partner image (weight 0): the labels that count are the partners'
-    monkeypatch.setattr(mod, "_mixup", lambda loop, key, size: (0.0, torch.roll(torch.arange(size), 1)))
+    monkeypatch.setattr(mod, "_mix", lambda loop, key, n, size: mod.Mix(0.0, torch.roll(torch.arange(n), 1)))
     result = train(_mixup_cfg(epochs=4), tmp_path / "run", data=synth)
     assert n > 32 and result.history[-1]["train_acc"] > 80, result.history[-1]
+
+
+def test_cutmix_pastes_a_partner_box_that_teacher_and_student_both_see(synth, tmp_path, teacher_run, monkeypatch):
+    """CutMix, online: every image is its own pixels outside one box and its partner's inside; the teacher answers
+    for exactly those pixels; a cache is refused as for mixup; the twin cuts the same way."""
+    import importlib
+
+    from edgekd.distill import matched_scratch
+    from edgekd.errors import EdgeKDError
+
+    mod = importlib.import_module("edgekd.distill")
+    with pytest.raises(EdgeKDError, match="cutmix_alpha needs the teacher on every batch"):
+        train(_mixup_cfg([teacher_run.out_dir / "best.pt"], cache_views=2, mixup=0.0, cutmix=1.0), tmp_path / "c", data=synth)
+    seen_by_teacher, seen_by_student, mixes = [], [], []
+    real_teacher_logits, real_spec, real_mix = mod._teacher_logits, mod.InputSpec.__call__, mod._mix
+    monkeypatch.setattr(mod, "_teacher_logits", lambda t, x, d: seen_by_teacher.append(x.clone()) or real_teacher_logits(t, x, d))
+    monkeypatch.setattr(mod.InputSpec, "__call__", lambda self, x: seen_by_student.append(x.clone()) or real_spec(self, x))
+    monkeypatch.setattr(mod, "_mix", lambda *a: mixes.append(real_mix(*a)) or mixes[-1])
+    cfg = _mixup_cfg([teacher_run.out_dir / "best.pt"], epochs=1, mixup=0.0, cutmix=1.0)
+    train(cfg, tmp_path / "kd", data=synth)
+    steps = len(seen_by_teacher)
+    assert steps == len(mixes) and all(m.box is not None for m in mixes)
+    assert all(torch.equal(t, s[:len(t)]) for t, s in zip(seen_by_teacher, seen_by_student[:steps]))
+    for m, x in zip(mixes, seen_by_teacher):  # 8-bit pixels: nothing is blended, only cut
+        assert torch.allclose(x * 255, (x * 255).round(), atol=1e-3)
+        y0, y1, x0, x1 = m.box
+        assert m.lam == pytest.approx(1 - (y1 - y0) * (x1 - x0) / (x.shape[-2] * x.shape[-1]))
+    assert any(0.0 < m.lam < 1.0 for m in mixes)
+    assert matched_scratch(cfg).recipe.cutmix_alpha == 1.0
+
+
+def test_mix_draws_mixup_and_cutmix_at_even_odds_when_both_are_on():
+    """With both on, a batch is one or the other; each draw repeats for the same key (resumable)."""
+    import types
+
+    from edgekd.distill import _mix
+
+    loop = types.SimpleNamespace(recipe=RecipeConfig(mixup_alpha=0.2, cutmix_alpha=1.0),
+                                 rt=types.SimpleNamespace(rank=0, device="cpu"))
+    draws = [_mix(loop, (1, step), 8, (32, 32)) for step in range(200)]
+    cut = sum(d.box is not None for d in draws)
+    assert 70 < cut < 130
+    again = _mix(loop, (1, 7), 8, (32, 32))
+    assert again.lam == draws[7].lam and again.box == draws[7].box and torch.equal(again.partner, draws[7].partner)
+    only_mixup = types.SimpleNamespace(recipe=RecipeConfig(mixup_alpha=0.2), rt=loop.rt)
+    assert all(_mix(only_mixup, (1, s), 8, (32, 32)).box is None for s in range(20))

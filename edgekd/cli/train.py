@@ -47,6 +47,10 @@ _SHARED = {
     "mixup": _Shared("recipe", "mixup_alpha", float,
                      "Mixup: blend each batch with a shuffled copy by a Beta(a, a) weight, labels alike; 0 = off. With "
                      "teachers it needs --cache-views 0, so the teacher answers for the blended images \\[default: 0]"),
+    "cutmix": _Shared("recipe", "cutmix_alpha", float,
+                      "CutMix: paste a box of a shuffled copy into each image, labels weighted by area, box share from "
+                      "Beta(a, a); 0 = off; with --mixup too, one or the other per batch. Teachers need --cache-views 0 "
+                      "\\[default: 0]"),
     "seed": _Shared("recipe", "seed", int, "Seed for init, batch order and augmentation \\[default: 0]"),
     "device": _Shared("recipe", "device", str, "auto (CUDA when present), cpu, cuda, cuda:N \\[default: auto]"),
     "precision": _Shared("recipe", "precision", str, "auto (fp16 autocast + loss scaling on CUDA, fp32 on the CPU), "
