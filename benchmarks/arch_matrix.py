@@ -10,18 +10,22 @@ whether each architecture goes through the chain and what int8 does to its size 
 about its CIFAR-10 accuracy. Resumable: an architecture already in the results file is skipped.
 
     python benchmarks/arch_matrix.py [--archs A B ...] [--epochs 15] [--input-size 32] [--batch-size 64] [--out runs/arch_matrix]
-Results: benchmarks/results/arch_matrix.json and .md.
+    python benchmarks/arch_matrix.py --data ../shared/datasets/cifar10-jpeg --epochs 10 --batch-size 128 \
+        --archs torchvision:mobilenet_v3_small --out runs/arch_matrix_cifar10 --name arch_matrix_cifar10
+Results: benchmarks/results/NAME.json and .md (default arch_matrix). ``--data`` trains on an ImageFolder
+(its own test split; validation carved from train) instead of the digits.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import traceback
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "arch_matrix"
+RESULTS = Path(__file__).resolve().parent / "results"
 ARCHS = ["edge_resnet_s", "seed002_student", "torchvision:mobilenet_v2", "torchvision:mobilenet_v3_small",
          "torchvision:mobilenet_v3_large", "torchvision:efficientnet_b0", "torchvision:shufflenet_v2_x1_0",
          "torchvision:resnet18", "timm:mobilenetv4_conv_small", "timm:efficientnet_lite0", "timm:mobilenetv3_small_100"]
@@ -35,7 +39,7 @@ def _reason(exc: BaseException) -> str:
     return text if isinstance(exc, EdgeKDError) else f"{type(exc).__name__}: {text}"
 
 
-def run_arch(arch: str, epochs: int, size: int, batch: int, out: Path) -> dict:
+def run_arch(arch: str, epochs: int, size: int, batch: int, out: Path, data: str = "digits") -> dict:
     from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
     from edgekd.bench import bench
     from edgekd.export import export
@@ -57,11 +61,12 @@ def run_arch(arch: str, epochs: int, size: int, batch: int, out: Path) -> dict:
             return None
 
     cfg = DistillConfig(model=ModelConfig(arch=arch, input_size=size), recipe=RecipeConfig(epochs=epochs, batch_size=batch))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=data))
     res = stage("train", lambda: train(cfg, run, resume=(run / "last.pt").is_file()))
     if res is None and "Lower the learning rate" in row["stages"]["train"]["reason"]:
         # what edgekd's error tells a user to do: a tenth of the learning rate, in a new folder
         row["first_train"] = row["stages"]["train"]
-        cfg = DistillConfig(model=cfg.model, recipe=RecipeConfig(epochs=epochs, batch_size=batch, lr=cfg.recipe.lr / 10))
+        cfg = dataclasses.replace(cfg, recipe=RecipeConfig(epochs=epochs, batch_size=batch, lr=cfg.recipe.lr / 10))
         run = out / (arch.replace(":", "_") + "-lr" + f"{cfg.recipe.lr:g}")
         res = stage("train", lambda: train(cfg, run, resume=(run / "last.pt").is_file()))
         row["lr"] = cfg.recipe.lr
@@ -102,15 +107,18 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("runs/arch_matrix"))
+    ap.add_argument("--data", default="digits", help="the embedded digits (default) or an ImageFolder")
+    ap.add_argument("--name", default="arch_matrix", help="results/NAME.json and .md")
     args = ap.parse_args()
-    path = RESULTS.with_suffix(".json")
+    path = (RESULTS / args.name).with_suffix(".json")
     done = json.loads(path.read_text())["rows"] if path.is_file() else {}
     for arch in args.archs:
         if arch in done:
             continue
-        done[arch] = run_arch(arch, args.epochs, args.input_size, args.batch_size, args.out)
+        done[arch] = run_arch(arch, args.epochs, args.input_size, args.batch_size, args.out, args.data)
         print(arch, json.dumps({k: v["ok"] for k, v in done[arch]["stages"].items()}), flush=True)
-        path.write_text(json.dumps({"epochs": args.epochs, "input_size": args.input_size, "batch_size": args.batch_size, "rows": done}, indent=2) + "\n")
+        path.write_text(json.dumps({"epochs": args.epochs, "input_size": args.input_size, "batch_size": args.batch_size,
+                                    "data": args.data, "rows": done}, indent=2) + "\n")
         write_md(args, done)
 
 
@@ -123,9 +131,13 @@ def _cell(row: dict, stage: str) -> str:
 
 def write_md(args, done: dict) -> None:
     cmd = f"python benchmarks/arch_matrix.py --epochs {args.epochs} --input-size {args.input_size} --batch-size {args.batch_size}"
+    if args.data != "digits":
+        cmd += f" --data {args.data} --out {args.out} --name {args.name}"
+    what = (f"Embedded digits (1,797 real 8x8 digits, resized to {args.input_size} px)" if args.data == "digits" else
+            f"`{args.data}` at {args.input_size} px")
     lines = ["# Architecture matrix: every stage on the networks phones run", "", f"`{cmd}`", "",
-             f"Embedded digits (1,797 real 8x8 digits, resized to {args.input_size} px), {args.epochs} epochs at batch "
-             f"{args.batch_size} from random init, edgekd's default recipe otherwise. Accuracies are on its 360-image test split through each runtime; int8 drop = fp32 - int8 in the same "
+             f"{what}, {args.epochs} epochs at batch {args.batch_size} from random init, edgekd's default recipe otherwise. "
+             "Accuracies are on its test split through each runtime; int8 drop = fp32 - int8 in the same "
              "runtime. Latency: batch 1, 1 thread, p50 in ms, this 2-core x86 CPU (AVX512-VNNI).", "",
              "Where onnx2tf fails and litert-torch is installed (the `litert` extra), TFLite files come from "
              "litert-torch; each file's sidecar names its converter.", "",
@@ -146,7 +158,7 @@ def write_md(args, done: dict) -> None:
             share = f"{100 * m['int8_mac_share']:.0f}%" if m.get("int8_mac_share") is not None else "-"
             lines.append(f"| {arch} | {fmt} | {m['fp32_acc']:.2f} | {m['int8_acc']:.2f} | {m['drop']:+.2f} | "
                          f"{m['size_ratio']:.2f} | {share} | {f32 or 0:.3f} | {i8 or 0:.3f} | {ratio} |")
-    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (RESULTS / args.name).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
