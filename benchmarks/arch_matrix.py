@@ -111,7 +111,11 @@ def main() -> None:
     ap.add_argument("--name", default="arch_matrix", help="results/NAME.json and .md")
     args = ap.parse_args()
     path = (RESULTS / args.name).with_suffix(".json")
-    done = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if earlier and earlier.get("data", "digits") != args.data:
+        raise SystemExit(f"{path.name} holds rows trained on {earlier.get('data', 'digits')}; "
+                         f"give --data {args.data} its own --name and --out")
+    done = earlier.get("rows", {})
     for arch in args.archs:
         if arch in done:
             continue

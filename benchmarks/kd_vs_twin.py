@@ -69,8 +69,8 @@ def run_one(cfg: DistillConfig, out: Path, data, cache_dir: Path | None = None) 
         res = train(cfg, out, data=data, resume=(out / "last.pt").is_file(), cache_dir=cache_dir)
         outcome = {"collapsed": None, "test_acc": res.test_acc, "val_acc": res.best_val_acc,
                    "train_s": round(res.train_s, 1), "teacher_cache_s": round(res.teacher_cache_s, 1)}
-        if res.teacher_reports:  # is the teacher ahead of the student at all?
-            outcome["teacher_val_acc"] = res.teacher_reports[0].val_acc
+        if res.teachers:  # is the teacher ahead of the student at all?
+            outcome["teacher_val_acc"] = res.teachers[0].val_acc
     except EdgeKDError as exc:
         outcome = {"collapsed": str(exc), "test_acc": None, "val_acc": None}
     outcome["wall_s_this_process"] = round(time.perf_counter() - t0, 1)

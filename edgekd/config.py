@@ -151,8 +151,9 @@ class RecipeConfig:
     # Beyer et al. 2022), and a matched scratch twin mixes the same way.
     mixup_alpha: float = 0.0
     # CutMix (Yun et al. 2019): a box of the shuffled copy is pasted into each image, the labels weighted by the
-    # area each image keeps; the box's share is drawn from Beta(a, a); 0 turns it off. With mixup_alpha too, each
-    # batch is one or the other at even odds. The same teacher rule as mixup (kd.cache_views = 0).
+    # area each image keeps; the box's share is drawn from Beta(a, a), then clipped at the border; 0 turns it off.
+    # With mixup_alpha too, each batch is one or the other at even odds. The same teacher rule as mixup
+    # (kd.cache_views = 0).
     cutmix_alpha: float = 0.0
 
     def __post_init__(self) -> None:

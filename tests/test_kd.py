@@ -263,3 +263,16 @@ def test_mix_draws_mixup_and_cutmix_at_even_odds_when_both_are_on():
     assert again.lam == draws[7].lam and again.box == draws[7].box and torch.equal(again.partner, draws[7].partner)
     only_mixup = types.SimpleNamespace(recipe=RecipeConfig(mixup_alpha=0.2), rt=loop.rt)
     assert all(_mix(only_mixup, (1, s), 8, (32, 32)).box is None for s in range(20))
+
+
+def test_cutmix_apply_keeps_lam_of_each_images_own_pixels():
+    """Mix.apply with a box: inside it the partner's pixels, outside the image's own; lam is the share kept."""
+    from edgekd.distill import Mix
+
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 2, 10, 8).contiguous()
+    mix = Mix(1 - 6 * 3 / 80, torch.tensor([1, 2, 3, 0]), (4, 10, 5, 8))  # rows 4:10, columns 5:8
+    out = mix.apply(x)
+    for i in range(4):
+        own = (out[i] == i).float().mean().item()
+        assert own == pytest.approx(mix.lam)
+        assert torch.all(out[i, :, 4:10, 5:8] == mix.partner[i])

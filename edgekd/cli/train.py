@@ -48,8 +48,9 @@ _SHARED = {
                      "Mixup: blend each batch with a shuffled copy by a Beta(a, a) weight, labels alike; 0 = off. With "
                      "teachers it needs --cache-views 0, so the teacher answers for the blended images \\[default: 0]"),
     "cutmix": _Shared("recipe", "cutmix_alpha", float,
-                      "CutMix: paste a box of a shuffled copy into each image, labels weighted by area, box share from "
-                      "Beta(a, a); 0 = off; with --mixup too, one or the other per batch. Teachers need --cache-views 0 "
+                      "CutMix: paste a box of a shuffled copy into each image, labels weighted by the area kept, box share "
+                      "from Beta(a, a) before clipping; 0 = off; with --mixup too, one or the other per batch. With "
+                      "teachers it needs them on every batch (--cache-views 0) "
                       "\\[default: 0]"),
     "seed": _Shared("recipe", "seed", int, "Seed for init, batch order and augmentation \\[default: 0]"),
     "device": _Shared("recipe", "device", str, "auto (CUDA when present), cpu, cuda, cuda:N \\[default: auto]"),
