@@ -650,9 +650,15 @@ def _validate(cfg: DistillConfig) -> None:
     if kd.hint_weight and Path(kd.teachers[0]).suffix.lower() not in CHECKPOINT_SUFFIXES:
         raise EdgeKDError(f"kd.hint_weight needs an edgekd checkpoint teacher (.pt), not {Path(kd.teachers[0]).name}: "
                           "its layers are what the student's feature map is matched to")
-    mixing = [name for name in ("mixup_alpha", "cutmix_alpha") if getattr(cfg.recipe, name)]
-    if mixing and kd.teachers and kd.cache_views > 0:
-        raise EdgeKDError(f"recipe.{mixing[0]} needs the teacher on every batch (kd.cache_views = 0, --cache-views 0): "
+    if kd.teachers:
+        check_mixing(cfg.recipe, kd)
+
+
+def check_mixing(recipe: RecipeConfig, kd: KDConfig, where: str = "recipe") -> None:
+    """Mixup and CutMix blend images after augmentation, so a distilled run needs the teacher on every batch."""
+    mixing = [name for name in ("mixup_alpha", "cutmix_alpha") if getattr(recipe, name)]
+    if mixing and kd.cache_views > 0:
+        raise EdgeKDError(f"{where}.{mixing[0]} needs the teacher on every batch (kd.cache_views = 0, --cache-views 0): "
                           "cached teacher outputs are for unmixed images")
 
 

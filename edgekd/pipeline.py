@@ -22,7 +22,7 @@ from edgekd.errors import EdgeKDError
 from edgekd.files import atomic_write_json, clean_stale_temps, sha256_file
 from edgekd.bench import bench, environment, SUFFIX_FORMAT
 from edgekd.data import load_data
-from edgekd.distill import matched_scratch, same_config, train
+from edgekd.distill import check_mixing, matched_scratch, same_config, train
 from edgekd.export import export
 from edgekd.package import package
 from edgekd.quantize import TARGETS, quantize, result_dict
@@ -146,9 +146,11 @@ def pipeline_config_from_dict(values: dict[str, Any]) -> PipelineConfig:
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise EdgeKDError("teacher names must be unique")
+    student_recipe = build(RecipeConfig, values.get("student_recipe", {}), "student_recipe")
+    if any(name.startswith("kd") for name in students):  # refused now, not after the teachers have trained
+        check_mixing(student_recipe, kd, "student_recipe")
     return PipelineConfig(build(DataConfig, values.get("data", {}), "data"), tuple(teachers),
-                          build(ModelConfig, values.get("student", {}), "student"),
-                          build(RecipeConfig, values.get("student_recipe", {}), "student_recipe"), kd, students, seeds,
+                          build(ModelConfig, values.get("student", {}), "student"), student_recipe, kd, students, seeds,
                           build(DeployConfig, values.get("deploy", {}), "deploy"),
                           build(BenchConfig, values.get("bench", {}), "bench"),
                           build(PackageConfig, values.get("package", {}), "package"))

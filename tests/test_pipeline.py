@@ -51,6 +51,7 @@ def test_command_line_overrides_of_single_keys():
     ({"teachers": [{"name": "a", "model": {"arhc": "x"}}]}, "teachers\\[0\\].model.arhc"),
     ({}, "no teachers"),
     ({"teachers": [{"name": "a"}], "students": ["kd_worst"]}, "unknown student run"),
+    ({"teachers": [{"name": "a"}], "student_recipe": {"cutmix_alpha": 1.0}}, "student_recipe.cutmix_alpha needs the teacher"),
 ])
 def test_bad_pipeline_configs(values, message):
     with pytest.raises(EdgeKDError, match=message):
