@@ -124,11 +124,11 @@ def main() -> None:
 
 def write(args, rows: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
+    teacher = next((r["kd"]["teacher_val_acc"] for m in rows.values() for r in m.values() if "teacher_val_acc" in r["kd"]), None)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                           "runs": rows}, indent=2) + "\n")
+                                                           "teacher_val_acc": teacher, "runs": rows}, indent=2) + "\n")
     cmd = (f"python benchmarks/kd_vs_twin.py {args.dataset} {args.teacher} --student {args.student} --epochs {args.epochs} "
            f"--seeds {' '.join(map(str, args.seeds))} --modes {' '.join(args.modes)} --name {args.name}")
-    teacher = next((r["kd"]["teacher_val_acc"] for m in rows.values() for r in m.values() if "teacher_val_acc" in r["kd"]), None)
     text = ["# Distillation against its matched scratch twin", "", f"`{cmd}`", "",
             "Accuracies are top-1 in percent (mean +- sd over seeds); run times are whole runs in seconds, the teacher's "
             "cache or online calls included. The twin makes the same student passes on the same augmentation."
