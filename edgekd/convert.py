@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import shutil
+import sysconfig
 import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -194,7 +195,6 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
     private = folder.parent / "onnx2tf-input" / onnx_path.name
     private.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, private)
-    onnx_path = private
     kwargs = {}
     if calibration is not None:
         npy = folder.parent / "calibration.npy"
@@ -204,11 +204,29 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
         kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
                       custom_input_op_name_np_data_path=[["input", str(npy), np.zeros((1, 1, 1, c)), np.ones((1, 1, 1, c))]],
                       input_quant_dtype=io_dtype, output_quant_dtype=io_dtype)
-    if batch_size and _dynamic_batch(onnx_path):
+    if batch_size and _dynamic_batch(private):
         kwargs["batch_size"] = batch_size
-    log = folder.parent / "onnx2tf.log"
     try:
-        with captured_output(log), _offline_sample_data(folder.parent / "onnx2tf-cwd"), warnings.catch_warnings():
+        _run_onnx2tf(onnx2tf, private, folder, kwargs)
+    except EdgeKDError as exc:
+        # onnx2tf places some layouts only while building a signature (torchvision's ShuffleNetV2: its channel
+        # shuffle on 4x4 maps); without one it fails and says to convert again with one. That retry, once.
+        if "--output_signaturedefs" not in str(exc):
+            raise
+        shutil.copyfile(onnx_path, private)
+        shutil.rmtree(folder, ignore_errors=True)
+        _run_onnx2tf(onnx2tf, private, folder, {**kwargs, "output_signaturedefs": True})
+    files = {kind: folder / f"{private.stem}_{kind}.tflite"
+             for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
+    return {k: v for k, v in files.items() if v.is_file()}
+
+
+def _run_onnx2tf(onnx2tf, onnx_path: Path, folder: Path, kwargs: dict) -> None:
+    log = folder.parent / "onnx2tf.log"
+    start = log.stat().st_size if log.is_file() else 0  # the log is shared: a failure is read from this run's part
+    try:
+        with (captured_output(log), _offline_sample_data(folder.parent / "onnx2tf-cwd"), _own_scripts_on_path(),
+              warnings.catch_warnings()):
             # TensorFlow's int8 converter builds the interpreter it deprecated itself; not the user's concern
             warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated", category=UserWarning)
             onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(folder), non_verbose=True,
@@ -216,19 +234,17 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
     except BaseException as exc:  # noqa: BLE001 - onnx2tf exits via sys.exit on unsupported ops
         if isinstance(exc, KeyboardInterrupt):
             raise
-        errors = [ln for ln in log.read_text(errors="replace").splitlines() if "ERROR" in ln][-1:]
+        with open(log, "rb") as f:
+            f.seek(start)
+            errors = [ln for ln in f.read().decode(errors="replace").splitlines() if "ERROR" in ln][-1:]
         reason = errors[0].strip() if errors else _tensorflow_reason(exc)
         raise EdgeKDError(f"TFLite conversion (onnx2tf) failed: {reason}") from None
-    stem = onnx_path.stem
-    files = {kind: folder / f"{stem}_{kind}.tflite"
-             for kind in ("float32", "float16", "integer_quant", "full_integer_quant")}
-    return {k: v for k, v in files.items() if v.is_file()}
 
 
 def torch_to_tflite(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
     """The second TFLite path: Google's litert-torch converts the PyTorch network itself (fp32, batch 1),
     wrapped so that the file takes NHWC pixels like onnx2tf's. export uses it where onnx2tf fails on an
-    architecture (ShuffleNetV2's channel shuffle, benchmarks/results/arch_matrix.md)."""
+    architecture (an operator or a layout onnx2tf cannot place)."""
     litert_torch = _import_litert()
     sample = _nhwc(x[:1])
     try:
@@ -323,6 +339,29 @@ def _tensorflow_reason(exc: BaseException) -> str:
 
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+@contextmanager
+def _own_scripts_on_path():
+    """Put this interpreter's scripts folder (a virtual environment's bin/) first on PATH while onnx2tf runs.
+
+    onnx2tf simplifies the graph by running the ``onnxsim`` command, found on PATH; it only warns when
+    it is missing and converts the raw graph. A venv used without activation (``.venv/bin/edgekd``)
+    has onnxsim installed but not on PATH, so the same install converted a different graph depending on
+    how it was started.
+    """
+    scripts = sysconfig.get_path("scripts")
+    previous = os.environ.get("PATH")
+    search = previous if previous is not None else os.defpath
+    if scripts and scripts not in search.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, search])
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = previous
 
 
 @contextmanager

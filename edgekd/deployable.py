@@ -57,9 +57,11 @@ class FoldedConv(nn.Module):
         return y + self.border if self.has_border else y
 
 
-def fold_input_normalization(model: nn.Module, mean, std, channels: int, size: tuple[int, int]) -> nn.Module:
+def fold_input_normalization(model: nn.Module, mean, std, channels: int, size: tuple[int, int],
+                             fuse_bn: bool = True) -> nn.Module:
     """A copy of ``model`` taking RGB [0, 1] pixels, with ``(x - mean) / std`` (and, for 1-channel
-    models, the RGB-to-luma conversion) folded into its first convolution.
+    models, the RGB-to-luma conversion) folded into its first convolution; with ``fuse_bn``, the batch
+    norm that alone reads that convolution folded into it too.
 
     We write this ourselves: converters fold normalization only when it is a separate op in the
     graph, which is exactly what MediaPipe's one-mean/one-std metadata cannot describe per channel.
@@ -68,6 +70,8 @@ def fold_input_normalization(model: nn.Module, mean, std, channels: int, size: t
     name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
     if conv is None or conv.in_channels != channels or conv.groups != 1 or conv.padding_mode != "zeros":
         raise EdgeKDError("the model does not start with a plain convolution; normalization cannot be folded")
+    if fuse_bn:
+        conv = _fuse_following_batchnorm(model, name)
     w = conv.weight.detach()  # (O, C, kh, kw)
     b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
     mean_t, std_t = torch.tensor(mean, dtype=w.dtype), torch.tensor(std, dtype=w.dtype)
@@ -80,10 +84,43 @@ def fold_input_normalization(model: nn.Module, mean, std, channels: int, size: t
     with torch.no_grad():
         new.weight.copy_(w_raw)
         new.bias.copy_(b_raw)
-    folded = FoldedConv(new, border)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, folded)
+    model.set_submodule(name, FoldedConv(new, border))
     return model
+
+
+def _fuse_following_batchnorm(model: nn.Module, conv_name: str) -> nn.Conv2d:
+    """Folds the BatchNorm2d that alone reads the convolution ``conv_name`` into it (in place, eval
+    statistics) and returns the convolution now in ``model``.
+
+    Runtimes fuse Conv -> BatchNorm themselves, but the border constant ``FoldedConv`` adds sits
+    between the two, so without this the stem's batch norm stays a separate float operator at the
+    largest feature map, in fp32 files and as a float island inside int8 ones
+    (benchmarks/results/stem_bn.md). The graph comes from torch.fx; a model it cannot trace, or
+    whose convolution output has other readers, keeps its batch norm (still exact, only slower).
+    """
+    import torch.fx
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv = model.get_submodule(conv_name)
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable Python in forward(): keep the model as it is
+        return conv
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    conv_calls = [n for n in calls if n.target == conv_name]
+    if len(conv_calls) != 1 or len(conv_calls[0].users) != 1:
+        return conv
+    (reader,) = conv_calls[0].users
+    bn = model.get_submodule(reader.target) if reader.op == "call_module" else None
+    # only a plain BatchNorm2d (a subclass may do more: timm's BatchNormAct2d), called once, without hooks
+    if (type(bn) is not nn.BatchNorm2d or bn.running_mean is None or bn._forward_hooks or bn._forward_pre_hooks
+            or sum(n.target == reader.target for n in calls) != 1
+            or any(n.op == "get_attr" and n.target.startswith(reader.target + ".") for n in graph.nodes)):
+        return conv  # read elsewhere (its weights, a hook): it stays; deploy_net's check covers what FX cannot see
+    fused = fuse_conv_bn_eval(conv, bn)
+    model.set_submodule(conv_name, fused)
+    model.set_submodule(reader.target, nn.Identity())
+    return fused
 
 
 def border_map(conv: nn.Conv2d, shift: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
@@ -130,13 +167,16 @@ def deploy_net(model: nn.Module, meta: dict) -> tuple[nn.Module, str]:
     x = torch.rand(4, channels, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = reference(x)
-        try:
-            folded = fold_input_normalization(model, meta["mean"], meta["std"], channels, size)
-            got = folded(rgb(x))
+        for fuse_bn in (True, False):  # without the stem batch norm's fold where it broke the network
+            try:
+                folded = fold_input_normalization(model, meta["mean"], meta["std"], channels, size, fuse_bn)
+                got = folded(rgb(x))
+            except EdgeKDError:
+                break
+            except Exception:  # noqa: BLE001 - a module read outside its call (what torch.fx cannot see)
+                continue
             if (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max())):
                 return folded, "folded into the first convolution"
-        except EdgeKDError:
-            pass
     return RGBInput(reference, channels).eval(), "operators at the start of the graph"
 
 

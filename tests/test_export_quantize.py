@@ -2,6 +2,8 @@
 
 import importlib
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,6 +219,75 @@ def test_folded_normalization_matches_the_unfolded_model(arch, channels):
         got = net(rgb(x))
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def _random_bn_statistics(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+class _StemReadTwice(torch.nn.Module):
+    """The stem convolution's output goes to its batch norm and, unnormalized, to a second reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc((self.bn(y) + y).mean((2, 3)))
+
+
+class _StemWeightsReadElsewhere(_StemReadTwice):
+    """The stem's batch norm is called once, but its weight and size are read outside that call too."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) * self.bn.weight.abs().view(1, -1, 1, 1) / self.bn.num_features
+        return self.fc(y.mean((2, 3)))
+
+
+class _HookedStem(_StemReadTwice):
+    """A forward hook on the stem's batch norm (invisible to torch.fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn.register_forward_hook(lambda module, args, out: out * 2.0)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("arch,fused", [("resnet8", True), ("read_twice", False), ("read_elsewhere", False),
+                                        ("hooked", False)])
+def test_stem_batch_norm_is_folded_into_the_first_convolution(arch, fused):
+    """The batch norm that alone reads the stem convolution is folded into it (the border constant would
+    otherwise keep it a separate operator); one with another reader stays. Both stay exact."""
+    from edgekd.deployable import Deployable, deploy_net, fold_input_normalization, rgb
+    from edgekd.zoo import build_model
+
+    torch.manual_seed(0)
+    own = {"read_twice": _StemReadTwice, "read_elsewhere": _StemWeightsReadElsewhere, "hooked": _HookedStem}
+    model = _random_bn_statistics(own[arch]() if arch in own else build_model(arch, 10, 3, (16, 16)))
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    net, how = deploy_net(model, {"in_channels": 3, "input_size": [16, 16], "mean": mean, "std": std})
+    assert how == "folded into the first convolution"
+    count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == count - fused
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == count  # the caller's model is untouched
+    # the fold itself (not only deploy_net's check against the unfolded model) leaves such a batch norm alone
+    alone = fold_input_normalization(model, mean, std, 3, (16, 16), fuse_bn=True)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in alone.modules()) == count - fused
+    x = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        want, got = Deployable(model, mean, std).eval()(x), net(rgb(x))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_tflite_files_have_batch_one_and_rgb_input(quantized):
@@ -600,3 +671,73 @@ def test_tflite_converter_is_chosen_by_validation_drop_when_onnx2tf_misses_the_g
     drops["litert"] = 4.0
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "c").models
     assert m.choice["converter"] == "onnx2tf" and m.choice["converter_why"].endswith("litert-torch's lost 4.00: onnx2tf's kept")
+
+
+def test_onnx2tf_is_retried_with_a_signature_when_it_asks_for_one(tmp_path, monkeypatch):
+    """onnx2tf fails on some layouts without a signature and says so; the conversion is retried once with
+    one, from a fresh copy of the ONNX file, and onnxsim (this venv's bin/) is on PATH while it runs."""
+    import sys
+    import sysconfig
+    import types
+
+    from edgekd.convert import onnx_to_tflite
+
+    calls = []
+
+    def convert(input_onnx_file_path, output_folder_path, **kwargs):
+        calls.append({**kwargs, "path_has_scripts": sysconfig.get_path("scripts") in os.environ["PATH"].split(os.pathsep)})
+        assert Path(input_onnx_file_path).read_bytes() == b"not really onnx"  # a fresh copy for each attempt
+        Path(output_folder_path).mkdir(parents=True, exist_ok=True)
+        if not kwargs.get("output_signaturedefs"):  # a failed attempt that leaves its debris behind
+            Path(input_onnx_file_path).write_bytes(b"simplified by the failed attempt")
+            (Path(output_folder_path) / "partial.pb").write_bytes(b"debris")
+            print("\x1b[31mERROR:\x1b[0m Please convert again with the `-osd` or `--output_signaturedefs` option.")
+            raise SystemExit(1)
+        assert not (Path(output_folder_path) / "partial.pb").exists()
+        (Path(output_folder_path) / (Path(input_onnx_file_path).stem + "_float32.tflite")).write_bytes(b"tflite")
+
+    monkeypatch.setitem(sys.modules, "onnx2tf", types.SimpleNamespace(convert=convert))
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"not really onnx")
+    monkeypatch.setattr("edgekd.convert._dynamic_batch", lambda path: False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    files = onnx_to_tflite(src, tmp_path / "work" / "tf")
+    assert [c.get("output_signaturedefs", False) for c in calls] == [False, True]
+    assert all(c["path_has_scripts"] for c in calls) and os.environ["PATH"] == "/usr/bin:/bin"
+    assert files["float32"].read_bytes() == b"tflite"
+
+    calls.clear()  # any other failure is reported as it is, without a retry, even after one that asked for it
+    def other_failure(*args, **kwargs):
+        calls.append(kwargs)
+        print("\x1b[31mERROR:\x1b[0m Unsupported op: Foo")
+        sys.exit(1)
+
+    monkeypatch.setitem(sys.modules, "onnx2tf", types.SimpleNamespace(convert=other_failure))
+    with pytest.raises(EdgeKDError, match="Unsupported op: Foo"):
+        onnx_to_tflite(src, tmp_path / "work" / "tf-qat")  # the same parent folder, so the same log
+    assert len(calls) == 1
+
+    monkeypatch.delenv("PATH")  # no PATH at all: none afterwards either
+    monkeypatch.setitem(sys.modules, "onnx2tf", types.SimpleNamespace(convert=convert))
+    onnx_to_tflite(src, tmp_path / "work3" / "tf")
+    assert "PATH" not in os.environ
+
+
+@pytest.mark.slow
+def test_shufflenet_converts_to_tflite_through_onnx2tf(tmp_path):
+    """torchvision's ShuffleNetV2 at 32 px: onnx2tf needs its signature retry to place the channel shuffle."""
+    from edgekd.convert import onnx_to_tflite, to_onnx
+    from edgekd.deployable import deploy_net
+    from edgekd.runtime import TFLiteRunner
+    from edgekd.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("torchvision:shufflenet_v2_x0_5", 10, 3, (32, 32)).eval()
+    net, _ = deploy_net(model, {"in_channels": 3, "input_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
+    x = torch.rand(4, 3, 32, 32)
+    files = onnx_to_tflite(to_onnx(net, x, tmp_path / "m.onnx", dynamic_batch=False), tmp_path / "tf")
+    runner = TFLiteRunner(files["float32"])
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = runner(x.permute(0, 2, 3, 1).numpy())
+    assert np.abs(got - want).max() < 1e-3
