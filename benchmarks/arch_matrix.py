@@ -13,7 +13,11 @@ about its CIFAR-10 accuracy. Resumable: an architecture already in the results f
     python benchmarks/arch_matrix.py --data ../shared/datasets/cifar10-jpeg --epochs 10 --batch-size 128 \
         --archs torchvision:mobilenet_v3_small --out runs/arch_matrix_cifar10 --name arch_matrix_cifar10
 Results: benchmarks/results/NAME.json and .md (default arch_matrix). ``--data`` trains on an ImageFolder
-(its own test split; validation carved from train) instead of the digits.
+(its own test split; validation carved from train) instead of the digits. ``--from ARCH=CHECKPOINT`` runs the
+chain from export on a model trained or distilled elsewhere (e.g. models/), its folder only read:
+
+    python benchmarks/arch_matrix.py --data ../shared/datasets/cifar10-jpeg --out runs/arch_matrix_cifar10 \
+        --name arch_matrix_cifar10 --from edge_resnet_s=models/cifar10_edge_resnet_s_kd/best.pt
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def _reason(exc: BaseException) -> str:
     return text if isinstance(exc, EdgeKDError) else f"{type(exc).__name__}: {text}"
 
 
-def run_arch(arch: str, epochs: int, size: int, batch: int, out: Path, data: str = "digits") -> dict:
+def run_arch(arch: str, epochs: int, size: int, batch: int, out: Path, data: str = "digits",
+             trained: Path | None = None) -> dict:
     from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
     from edgekd.bench import bench
     from edgekd.export import export
@@ -62,7 +67,11 @@ def run_arch(arch: str, epochs: int, size: int, batch: int, out: Path, data: str
 
     cfg = DistillConfig(model=ModelConfig(arch=arch, input_size=size), recipe=RecipeConfig(epochs=epochs, batch_size=batch))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=data))
-    res = stage("train", lambda: train(cfg, run, resume=(run / "last.pt").is_file()))
+    if trained is not None:  # a model trained (or distilled) elsewhere: its files are copied, the chain starts at export
+        res = stage("train", lambda: _adopt(trained, run))
+        row["trained_by"] = str(trained)
+    else:
+        res = stage("train", lambda: train(cfg, run, resume=(run / "last.pt").is_file()))
     if res is None and "Lower the learning rate" in row["stages"]["train"]["reason"]:
         # what edgekd's error tells a user to do: a tenth of the learning rate, in a new folder
         row["first_train"] = row["stages"]["train"]
@@ -100,6 +109,23 @@ def run_arch(arch: str, epochs: int, size: int, batch: int, out: Path, data: str
     return row
 
 
+def _adopt(checkpoint: Path, run: Path):
+    """``checkpoint`` and its run's config.json and result.json copied into ``run`` (the source folder is only
+    read); its recorded result (params, test accuracy), as train() would return it."""
+    import shutil
+    import types
+
+    src = checkpoint.parent
+    if not (src / "result.json").is_file():
+        raise FileNotFoundError(f"{src / 'result.json'} is missing: --from needs an edgekd run folder")
+    run.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "result.json"):
+        shutil.copyfile(src / name, run / name)
+    shutil.copyfile(checkpoint, run / "best.pt")
+    result = json.loads((src / "result.json").read_text())
+    return types.SimpleNamespace(params=result["params"], test_acc=result["test_acc"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=ARCHS)
@@ -109,7 +135,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/arch_matrix"))
     ap.add_argument("--data", default="digits", help="the embedded digits (default) or an ImageFolder")
     ap.add_argument("--name", default="arch_matrix", help="results/NAME.json and .md")
+    ap.add_argument("--from", dest="trained", nargs="+", default=[], metavar="ARCH=CHECKPOINT",
+                    help="run the chain from export on an edgekd checkpoint trained or distilled elsewhere "
+                         "(its run folder is only read) instead of training ARCH")
     args = ap.parse_args()
+    trained = dict(t.split("=", 1) for t in args.trained)
+    if trained:  # --from alone runs just those; with --archs, both
+        args.archs = list(dict.fromkeys([*(args.archs if args.archs != ARCHS else []), *trained]))
     path = (RESULTS / args.name).with_suffix(".json")
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     if earlier and earlier.get("data", "digits") != args.data:
@@ -119,7 +151,8 @@ def main() -> None:
     for arch in args.archs:
         if arch in done:
             continue
-        done[arch] = run_arch(arch, args.epochs, args.input_size, args.batch_size, args.out, args.data)
+        done[arch] = run_arch(arch, args.epochs, args.input_size, args.batch_size, args.out, args.data,
+                              Path(trained[arch]) if arch in trained else None)
         print(arch, json.dumps({k: v["ok"] for k, v in done[arch]["stages"].items()}), flush=True)
         path.write_text(json.dumps({"epochs": args.epochs, "input_size": args.input_size, "batch_size": args.batch_size,
                                     "data": args.data, "rows": done}, indent=2) + "\n")
@@ -150,6 +183,7 @@ def write_md(args, done: dict) -> None:
         macs = f"{row['macs'] / 1e6:,.1f} M" if row.get("macs") else "-"
         name = f"{arch} (lr {row['lr']:g} after a collapse at the default)" if row.get("lr") else arch
         name += " (int8 TFLite with --io int8: only litert-torch converts it)" if row.get("io") else ""
+        name += f" (not trained here: `{row['trained_by']}`)" if row.get("trained_by") else ""
         lines.append(f"| {name} | {row.get('params', 0):,} | {macs} | " + " | ".join(_cell(row, s) for s in STAGES) + " |")
     lines += ["", "| architecture | format | fp32 top-1 | int8 top-1 | drop | size int8/fp32 | MACs in int8 | fp32 p50 ms | int8 p50 ms | int8/fp32 latency |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
