@@ -463,9 +463,46 @@ def test_accuracy_aware_fallback_keeps_the_fewest_layers_in_float(tmp_path):
     assert max(report["sensitivity_pts"].values()) == report["sensitivity_pts"][report["float_layers"][0]]
     assert count_onnx_ops(path) == (1, 2)
     assert report["p50_ms_all_int8"] > 0 and report["p50_ms_with_float_layers"] > 0
+    # the constant channel is an eighth of the tensor, not a rare value: percentiles were tried first and missed
+    assert set(report["val_drop_by_percentile"]) == {99.99, 99.9}
+    assert min(report["val_drop_by_percentile"].values()) > 1.0
     # nothing to do when the drop already fits, or without a gate
     assert _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=100.0) == (full, None)
     assert _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=None) == (full, None)
+
+
+def test_rare_extreme_activations_are_calibrated_to_a_percentile_before_any_layer_goes_float(tmp_path):
+    """A few extreme values in the calibration images stretch min/max until the usual values round to zero;
+    a percentile range ignores them and every layer stays int8."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edgekd.convert import to_onnx
+    from edgekd.quantize import _Inputs, _float_fallback, _ort_int8, count_onnx_ops
+    from edgekd.runtime import run_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    with torch.no_grad():  # class = the strongest of R, G, B
+        net[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        net[0].bias.zero_()
+    torch.manual_seed(0)
+    x = torch.rand(300, 3, 1, 1) + 0.05 * torch.rand(300, 3, 4, 4)
+    with torch.no_grad():
+        y = net(x).argmax(1).numpy()
+    calib = x[:100].clone()
+    calib[0, 0, 0, 0] = 2000.0  # one extreme pixel among 4,800 calibration values
+    fp32 = to_onnx(net, x, tmp_path / "model.onnx")
+    pre = tmp_path / "model.pre.onnx"
+    quant_pre_process(str(fp32), str(pre))
+    inputs = _Inputs(x[:8], None, calib, x[100:200], y[100:200], x[200:], y[200:])
+    full = _ort_int8(pre, tmp_path / "model_int8.onnx", inputs, "uint8", False)
+    assert (run_onnx(full, x[100:200].numpy()).argmax(1) == y[100:200]).mean() < 0.7  # min/max: badly hurt
+    path, report = _float_fallback(pre, full, fp32, tmp_path, inputs, "uint8", False, max_drop=1.0)
+    tried = report["val_drop_by_percentile"]
+    assert report["calibration"] == f"percentile {list(tried)[-1]:g}" and report["float_layers"] == []
+    assert report["val_drop_before"] > 30 and report["val_drop_after"] == tried[list(tried)[-1]] <= 1.0
+    assert all(d > 1.0 for d in list(tried.values())[:-1])  # the first percentile that fits is kept
+    assert count_onnx_ops(path) == (1, 0)  # every compute layer int8
+    assert (run_onnx(path, x[200:].numpy()).argmax(1) == y[200:]).mean() > 0.95
 
 
 def test_a_tensorflow_error_is_reported_by_its_cause_not_its_banner():
