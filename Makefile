@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # The venv holds several GB (torch's CUDA build, TensorFlow); pip's cache would hold the wheels a
 # second time, and CI machines can be short of disk.
-export PIP_NO_CACHE_DIR := 1
+export PIP_NO_CACHE_DIR ?= 1
 
 .PHONY: run test test-fast bench-distill
 

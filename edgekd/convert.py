@@ -208,8 +208,8 @@ def onnx_to_tflite(onnx_path: Path, folder: Path, calibration: np.ndarray | None
     try:
         _run_onnx2tf(onnx2tf, private, folder, kwargs)
     except EdgeKDError as exc:
-        # onnx2tf places some layouts only while building a signature (torchvision's ShuffleNetV2: its channel
-        # shuffle on 4x4 maps); without one it fails and says to convert again with one. That retry, once.
+        # onnx2tf fails to save some graphs (torchvision's ShuffleNetV2 at 32 px) and says to convert again with
+        # signature defs, a path on which it also renames the graph's ops. That retry, once.
         if "--output_signaturedefs" not in str(exc):
             raise
         shutil.copyfile(onnx_path, private)

@@ -377,13 +377,26 @@ def _sidecar_checkpoint(onnx_file: Path) -> Path:
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over NCHW [0, 1] images, one at a time."""
+    """onnxruntime CalibrationDataReader over NCHW [0, 1] images, one at a time; ``set_range`` lets
+    onnxruntime calibrate a slice at a time."""
 
     def __init__(self, x: np.ndarray) -> None:
-        self.items = iter([{"input": x[i:i + 1]} for i in range(len(x))])
+        self.x = x
+        self.set_range(0, len(x))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.items = iter([{"input": self.x[i:i + 1]} for i in range(start_index, min(end_index, len(self.x)))])
 
     def get_next(self):
         return next(self.items, None)
+
+
+def _stride(n: int, most: int = 16) -> int:
+    """The largest divisor of ``n`` up to ``most``: onnxruntime's slice size must divide the sample."""
+    return max(k for k in range(1, min(n, most) + 1) if n % k == 0)
 
 
 class _Rank1AxisFilter(logging.Filter):
@@ -428,11 +441,6 @@ def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activ
         choice["why"] = "chosen by the user"
     path, fallback = _float_fallback(pre, made[best], onnx_fp32, tmp, inputs, best, reduce_range, max_drop)
     share = onnx_int8_mac_share(path, inputs.check_x[:1].numpy(), tmp)
-    if fallback and fallback["float_layers"] and share < MIN_INT8_MAC_SHARE:
-        fallback = {**fallback, "float_layers": [], "why": f"the layers that fit max_drop would leave {100 * share:.0f}% "
-                    "of the multiply-accumulates in int8; all layers were kept int8"}
-        path = made[best]
-        share = onnx_int8_mac_share(path, inputs.check_x[:1].numpy(), tmp)
     if fallback:
         choice["float_fallback"] = fallback
     choice["calibration"] = (fallback or {}).get("calibration", "min/max")
@@ -455,8 +463,11 @@ def _ort_int8(pre: Path, path: Path, inputs: _Inputs, act: str, reduce_range: bo
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     act_type = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[act]
-    calibration = {} if percentile is None else dict(calibrate_method=CalibrationMethod.Percentile,
-                                                     extra_options={"CalibPercentile": percentile})
+    # A histogram calibrator keeps every activation of the images it is given until it bins them: given a few
+    # at a time (CalibStridedMinMax), its memory stays that of a few images whatever the calibration size.
+    calibration = {} if percentile is None else dict(
+        calibrate_method=CalibrationMethod.Percentile,
+        extra_options={"CalibPercentile": percentile, "CalibStridedMinMax": _stride(len(inputs.calib_x))})
     # onnxruntime's histogram calibrators print their settings to stdout: not the user's concern
     with _without_rank1_axis_warnings(), redirect_stdout(io.StringIO()):
         quantize_static(str(pre), str(path), _Reader(inputs.calib_x.numpy()), quant_format=QuantFormat.QDQ,
@@ -465,6 +476,7 @@ def _ort_int8(pre: Path, path: Path, inputs: _Inputs, act: str, reduce_range: bo
     return path
 
 
+MIN_INT8_MAC_SHARE = 0.5  # below this, "int8" is a label: most arithmetic still runs in float
 MAX_FALLBACK_LAYERS = 32  # layers probed one by one; a deeper network is probed on its first 32 compute layers
 # Tried, in this order, before any layer is kept in float: a few extreme values (an unbounded activation such
 # as SiLU) stretch a min/max range until most values round to zero. EfficientNet-B0 on CIFAR-10 lost 4.36
@@ -474,14 +486,15 @@ CALIBRATION_PERCENTILES = (99.99, 99.9)
 
 
 def _float_fallback(pre: Path, path: Path, onnx_fp32: Path, tmp: Path, inputs: _Inputs, act: str, reduce_range: bool,
-                    max_drop: float | None) -> tuple[Path, dict | None]:
+                    max_drop: float | None, min_int8_share: float = MIN_INT8_MAC_SHARE) -> tuple[Path, dict | None]:
     """Accuracy-aware fallback: when the int8 file loses more than ``max_drop`` on the validation split,
     activation ranges calibrated to a percentile instead of min/max (``CALIBRATION_PERCENTILES``), every layer
     still int8; where none fits, the fewest compute layers kept in float that bring the loss under it
     (``path`` unchanged when none do).
 
     Each layer's sensitivity is the validation accuracy won back by keeping it alone in float; layers
-    are then kept in float in that order until the drop fits. The test split is not read here.
+    are then kept in float in that order until the drop fits, unless that leaves less than
+    ``min_int8_share`` of the multiply-accumulates in int8. The test split is not read here.
     """
     import onnx
 
@@ -492,14 +505,20 @@ def _float_fallback(pre: Path, path: Path, onnx_fp32: Path, tmp: Path, inputs: _
     before = fp32_val - _accuracy(run_onnx(path, val), inputs.val_y)
     if before <= max_drop:
         return path, None
-    by_percentile = {}
-    for pct in CALIBRATION_PERCENTILES:
-        probe = _ort_int8(pre, tmp / f"model_int8_p{pct:g}.onnx", inputs, act, reduce_range, percentile=pct)
-        by_percentile[pct] = fp32_val - _accuracy(run_onnx(probe, val), inputs.val_y)
-        if by_percentile[pct] <= max_drop:
-            return probe, {"val_drop_before": before, "calibration": f"percentile {pct:g}",
-                           "val_drop_by_percentile": by_percentile, "probed_layers": 0, "float_layers": [],
-                           "val_drop_after": by_percentile[pct]}
+    by_percentile, files = {}, {}
+    for p in CALIBRATION_PERCENTILES:
+        files[p] = _ort_int8(pre, tmp / f"model_int8_p{p:g}.onnx", inputs, act, reduce_range, percentile=p)
+        by_percentile[p] = fp32_val - _accuracy(run_onnx(files[p], val), inputs.val_y)
+    pct = min(by_percentile, key=by_percentile.get) if by_percentile else None  # the one that loses least
+    report = {"val_drop_before": before, "val_drop_by_percentile": by_percentile, "calibration": "min/max"}
+    if pct is not None and by_percentile[pct] <= max_drop:
+        return files[pct], {**report, "calibration": f"percentile {pct:g}", "probed_layers": 0, "float_layers": [],
+                            "val_drop_after": by_percentile[pct]}
+    # where nothing below fits either: the all-int8 file whose calibration lost least
+    if pct is not None and by_percentile[pct] < before:
+        all_int8 = files[pct], {"calibration": f"percentile {pct:g}", "val_drop_after": by_percentile[pct]}
+    else:
+        all_int8 = path, {"calibration": "min/max", "val_drop_after": before}
     layers = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type in QUANTIZED_COMPUTE][:MAX_FALLBACK_LAYERS]
 
     def val_drop(exclude: tuple[str, ...]) -> float:
@@ -508,17 +527,21 @@ def _float_fallback(pre: Path, path: Path, onnx_fp32: Path, tmp: Path, inputs: _
 
     sensitivity = {name: before - val_drop((name,)) for name in layers}
     order = sorted(layers, key=lambda n: -sensitivity[n])
-    report = {"val_drop_before": before, "val_drop_by_percentile": by_percentile, "probed_layers": len(layers),
-              "sensitivity_pts": {n: sensitivity[n] for n in order}}
+    report.update(probed_layers=len(layers), sensitivity_pts={n: sensitivity[n] for n in order})
     for k in range(1, len(order) + 1):
         drop = val_drop(tuple(order[:k]))
         if drop <= max_drop:
             kept = tmp / "model_int8_kept_float.onnx"
             os.replace(tmp / "model_int8_fallback.onnx", kept)
+            share = onnx_int8_mac_share(kept, inputs.check_x[:1].numpy(), tmp)
+            if share < min_int8_share:
+                return all_int8[0], {**report, **all_int8[1], "float_layers": [],
+                                     "why": f"the layers that fit max_drop would leave {100 * share:.0f}% of the "
+                                            "multiply-accumulates in int8; all layers were kept int8"}
             cost = {"p50_ms_all_int8": onnx_latency_ms(path), "p50_ms_with_float_layers": onnx_latency_ms(kept)}
             return kept, {**report, "float_layers": order[:k], "val_drop_after": drop, **cost}
-    return path, {**report, "float_layers": [], "val_drop_after": before,
-                  "why": "neither percentile calibration nor any set of float layers brought the validation drop under max_drop"}
+    return all_int8[0], {**report, **all_int8[1], "float_layers": [],
+                         "why": "neither percentile calibration nor any set of float layers brought the validation drop under max_drop"}
 
 
 def count_onnx_ops(path: Path) -> tuple[int, int]:
@@ -530,9 +553,6 @@ def count_onnx_ops(path: Path) -> tuple[int, int]:
     compute = [n for n in graph.node if n.op_type in QUANTIZED_COMPUTE]
     quantized = sum(1 for n in compute if n.input and n.input[0] in dq_outputs)
     return quantized, len(compute) - quantized
-
-
-MIN_INT8_MAC_SHARE = 0.5  # below this, "int8" is a label: most arithmetic still runs in float
 
 
 def onnx_latency_ms(path: Path, runs: int = 200) -> float:

@@ -108,17 +108,16 @@ def _print_choices(result) -> None:
     for m in result.models:
         err.print(f"{m.format}: {m.choice.get('why', '')}", highlight=False)
         fb = m.choice.get("float_fallback")
-        if fb and fb.get("calibration"):
+        if fb and fb["calibration"] != "min/max":
             err.print(f"{m.format}: activation ranges calibrated to the {fb['calibration'].split()[-1]}th percentile of |x| "
-                      "instead of min/max, "
-                      f"every layer int8: validation drop {fb['val_drop_before']:.2f} -> {fb['val_drop_after']:.2f} points",
-                      highlight=False)
-        elif fb and fb["float_layers"]:
+                      f"instead of min/max: validation drop {fb['val_drop_before']:.2f} -> {fb['val_drop_after']:.2f} "
+                      "points, every layer int8", highlight=False)
+        if fb and fb["float_layers"]:
             err.print(f"{m.format}: {len(fb['float_layers'])} of {fb['probed_layers']} layers kept in float "
                       f"({', '.join(fb['float_layers'])}): validation drop {fb['val_drop_before']:.2f} -> "
                       f"{fb['val_drop_after']:.2f} points, p50 {fb['p50_ms_all_int8']:.3f} -> "
                       f"{fb['p50_ms_with_float_layers']:.3f} ms", highlight=False)
-        elif fb:
+        elif fb and fb.get("why"):
             err.print(f"{m.format}: {fb['why']} ({fb['probed_layers']} layers probed)", highlight=False)
         if m.choice.get("caveat"):
             err.print(f"[yellow]warning:[/] {m.format}: {m.choice['caveat']}", highlight=False)
