@@ -478,8 +478,8 @@ def _ort_int8(pre: Path, path: Path, inputs: _Inputs, act: str, reduce_range: bo
 
 MIN_INT8_MAC_SHARE = 0.5  # below this, "int8" is a label: most arithmetic still runs in float
 MAX_FALLBACK_LAYERS = 32  # layers probed one by one; a deeper network is probed on its first 32 compute layers
-# Tried, in this order, before any layer is kept in float: a few extreme values (an unbounded activation such
-# as SiLU) stretch a min/max range until most values round to zero. EfficientNet-B0 on CIFAR-10 lost 4.36
+# Tried before any layer is kept in float, the one that loses least on validation kept: a few extreme values (an
+# unbounded activation such as SiLU) stretch a min/max range until most values round to zero. EfficientNet-B0 on CIFAR-10 lost 4.36
 # validation points with min/max, 1.32 at the 99.99th percentile, 0.28 at the 99.9th
 # (benchmarks/results/int8_activations_efficientnet_b0.md).
 CALIBRATION_PERCENTILES = (99.99, 99.9)
@@ -489,8 +489,8 @@ def _float_fallback(pre: Path, path: Path, onnx_fp32: Path, tmp: Path, inputs: _
                     max_drop: float | None, min_int8_share: float = MIN_INT8_MAC_SHARE) -> tuple[Path, dict | None]:
     """Accuracy-aware fallback: when the int8 file loses more than ``max_drop`` on the validation split,
     activation ranges calibrated to a percentile instead of min/max (``CALIBRATION_PERCENTILES``), every layer
-    still int8; where none fits, the fewest compute layers kept in float that bring the loss under it
-    (``path`` unchanged when none do).
+    still int8; where none fits, the fewest compute layers of the min/max file kept in float that bring the loss
+    under it; where none do, the all-int8 file whose calibration lost least.
 
     Each layer's sensitivity is the validation accuracy won back by keeping it alone in float; layers
     are then kept in float in that order until the drop fits, unless that leaves less than
