@@ -290,6 +290,32 @@ def test_stem_batch_norm_is_folded_into_the_first_convolution(arch, fused):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+class _StemEpsRead(_StemReadTwice):
+    """The stem's batch norm is read for a plain attribute at call time: torch.fx records a constant, so the
+    fold goes ahead, and the folded copy fails when it runs (an Identity has no ``eps``)."""
+
+    def forward(self, x):
+        return self.fc((self.bn(self.conv(x)) * (1.0 + self.bn.eps)).mean((2, 3)))
+
+
+def test_deploy_net_retries_without_the_stem_fold_where_the_folded_copy_fails():
+    from edgekd.deployable import Deployable, deploy_net, fold_input_normalization, rgb
+
+    torch.manual_seed(0)
+    model = _random_bn_statistics(_StemEpsRead())
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    folded = fold_input_normalization(model, mean, std, 3, (16, 16), fuse_bn=True)
+    with pytest.raises(AttributeError):
+        folded(torch.rand(2, 3, 16, 16))  # what the retry is for
+    net, how = deploy_net(model, {"in_channels": 3, "input_size": [16, 16], "mean": mean, "std": std})
+    assert how == "folded into the first convolution"  # the normalization still folded, the batch norm kept
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 1
+    x = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        want, got = Deployable(model, mean, std).eval()(x), net(rgb(x))
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_tflite_files_have_batch_one_and_rgb_input(quantized):
     from edgekd.runtime import TFLiteRunner
 
