@@ -478,10 +478,10 @@ def _ort_int8(pre: Path, path: Path, inputs: _Inputs, act: str, reduce_range: bo
 
 MIN_INT8_MAC_SHARE = 0.5  # below this, "int8" is a label: most arithmetic still runs in float
 MAX_FALLBACK_LAYERS = 32  # layers probed one by one; a deeper network is probed on its first 32 compute layers
-# Tried before any layer is kept in float, the one that loses least on validation kept: a few extreme values (an
-# unbounded activation such as SiLU) stretch a min/max range until most values round to zero. EfficientNet-B0 on CIFAR-10 lost 4.36
-# validation points with min/max, 1.32 at the 99.99th percentile, 0.28 at the 99.9th
-# (benchmarks/results/int8_activations_efficientnet_b0.md).
+# Tried before any layer is kept in float, the one that loses least on validation kept: a few extreme values
+# (an unbounded activation such as SiLU) stretch a min/max range until most values round to zero.
+# EfficientNet-B0 on CIFAR-10 lost 4.36 validation points with min/max, 1.32 at the 99.99th percentile,
+# 0.28 at the 99.9th (benchmarks/results/int8_activations_efficientnet_b0.md).
 CALIBRATION_PERCENTILES = (99.99, 99.9)
 
 
@@ -541,7 +541,8 @@ def _float_fallback(pre: Path, path: Path, onnx_fp32: Path, tmp: Path, inputs: _
             cost = {"p50_ms_all_int8": onnx_latency_ms(path), "p50_ms_with_float_layers": onnx_latency_ms(kept)}
             return kept, {**report, "float_layers": order[:k], "val_drop_after": drop, **cost}
     return all_int8[0], {**report, **all_int8[1], "float_layers": [],
-                         "why": "neither percentile calibration nor any set of float layers brought the validation drop under max_drop"}
+                         "why": "neither percentile calibration nor any set of float layers brought the validation "
+                                "drop under max_drop"}
 
 
 def count_onnx_ops(path: Path) -> tuple[int, int]:
