@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import importlib.util
 import os
 import re
@@ -257,12 +258,15 @@ def torch_to_tflite(net: nn.Module, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path, float_io: bool = False) -> Path:
+def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path, float_io: bool = False,
+                        percentile: float | None = None) -> Path:
     """litert-torch's static int8 path (PT2E: symmetric per-channel int8 weights, int8 activations
     calibrated on ``calibration``, NCHW [0, 1] pixels, one image at a time), NHWC input like
     ``torch_to_tflite``'s. Where the first layer is quantized, the converter folds the input's
     quantization into the input tensor: int8 input, and likewise int8 output. ``float_io`` keeps both
-    float32, what MediaPipe and the TFLite Task Library load (``_FloatBoundary``)."""
+    float32, what MediaPipe and the TFLite Task Library load (``_FloatBoundary``). Activation ranges come from
+    PT2E's histogram observer (the range that minimises the L2 rounding error), or with ``percentile`` from that
+    histogram's ``percentile``-th and ``100 - percentile``-th values (``percentile_range``)."""
     net = _FloatBoundary(net) if float_io else net
     litert_torch = _import_litert()
     calibration_nhwc = _nhwc(calibration)
@@ -272,8 +276,10 @@ def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path, 
             from litert_torch.quantize import pt2e_quantizer, quant_config
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
-                pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+            config = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+            if percentile is not None:
+                config = _percentile_activations(config, percentile)
+            quantizer = pt2e_quantizer.PT2EQuantizer().set_global(config)
             graph = torch.export.export(litert_torch.to_channel_last_io(net, args=[0]).eval(), (sample,)).module()
             graph = prepare_pt2e(graph, quantizer)
             with torch.no_grad():
@@ -285,6 +291,40 @@ def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path, 
     except Exception as exc:  # noqa: BLE001
         raise EdgeKDError(f"int8 TFLite conversion (litert-torch) failed: {first_line(exc)}") from None
     return path
+
+
+def percentile_range(histogram: np.ndarray, low: float, high: float, percentile: float) -> tuple[float, float]:
+    """The ``100 - percentile``-th and ``percentile``-th values of a histogram of equal bins over ``[low, high]``:
+    the range a percentile calibration gives, read from the counts an observer has kept (each bound at the
+    edge of the bin where the cumulative share crosses it)."""
+    counts = np.asarray(histogram, dtype=np.float64)
+    if counts.sum() <= 0 or not high > low:
+        return low, high
+    cdf = np.cumsum(counts) / counts.sum()
+    tail = 1.0 - percentile / 100.0
+    edges = np.linspace(low, high, len(counts) + 1)
+    first = int(np.searchsorted(cdf, tail, side="right"))  # the first bin whose cumulative share passes the tail
+    last = int(np.searchsorted(cdf, 1.0 - tail, side="left"))
+    return float(edges[min(first, len(counts) - 1)]), float(edges[min(last, len(counts) - 1) + 1])
+
+
+def _percentile_activations(config, percentile: float):
+    """``config`` with its activations observed by a histogram and ranged by percentile: PT2E has no percentile
+    observer, so this one keeps the histogram observer's counts and replaces only its choice of range (edgekd's
+    own: what recovers networks whose activations have rare outliers, such as EfficientNet's SiLU)."""
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    class PercentileObserver(HistogramObserver):
+        def calculate_qparams(self):
+            if self.min_val == float("inf") and self.max_val == float("-inf"):
+                return super().calculate_qparams()  # nothing observed: the base class warns and falls back
+            low, high = percentile_range(self.histogram.cpu().numpy(), float(self.min_val), float(self.max_val),
+                                         percentile)
+            return self._calculate_qparams(torch.tensor(low), torch.tensor(high))
+
+    activations = dataclasses.replace(config.input_activation,
+                                      observer_or_fake_quant_ctr=PercentileObserver.with_args(eps=2**-12))
+    return dataclasses.replace(config, input_activation=activations, output_activation=activations)
 
 
 class _FloatBoundary(nn.Module):

@@ -642,6 +642,37 @@ def test_litert_torch_converts_with_nhwc_input_and_parity(tmp_path):
     assert check_tflite(tmp_path / "f.tflite", x, reference, "int8").top1_agreement >= 75.0
 
 
+def test_percentile_range_reads_both_tails_of_a_histogram():
+    from edgekd.convert import percentile_range
+
+    counts = np.zeros(100)
+    counts[0], counts[10:20], counts[99] = 1, 99_998 / 10, 1  # one value at each end, the rest in [1, 2)
+    assert percentile_range(counts, 0.0, 10.0, 99.9) == pytest.approx((1.0, 2.0))  # both outliers cut
+    assert percentile_range(counts, 0.0, 10.0, 100.0) == pytest.approx((0.0, 10.0))  # the whole range
+    assert percentile_range(np.zeros(4), -1.0, 3.0, 99.9) == (-1.0, 3.0)  # nothing counted: the range as it is
+
+
+@pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None, reason="litert-torch is an optional extra")
+def test_litert_torch_percentile_calibration_ignores_a_rare_extreme_activation(tmp_path):
+    from edgekd.convert import torch_to_tflite_int8
+    from edgekd.runtime import TFLiteRunner, nhwc
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    with torch.no_grad():  # class = the strongest of R, G, B
+        net[0].weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        net[0].bias.zero_()
+    torch.manual_seed(0)
+    y = torch.arange(200) % 3
+    x = 0.001 * torch.rand(200, 3, 4, 4) + 0.0012 * torch.nn.functional.one_hot(y, 3).view(200, 3, 1, 1)  # dark pixels
+    y = y.numpy()
+    calib = x[:100].clone()
+    calib[0, 0, 0, 0] = 1.0  # one white pixel among 4,800 calibration values: min/max steps 1/255, twice the darks
+    accuracy = {p: (TFLiteRunner(torch_to_tflite_int8(net, calib, tmp_path / f"{p}.tflite", float_io=True, percentile=p))(
+        nhwc(x[100:])).argmax(1) == y[100:]).mean() for p in (100.0, 99.9)}
+    assert accuracy[100.0] < 0.7 and accuracy[99.9] > 0.95  # min/max (the 100th) badly hurt; the 99.9th not
+
+
 def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model, tmp_path, monkeypatch):
     """quantize's choice and record; litert-torch's two conversions are stood in for by onnx2tf's files."""
     quantize_mod = importlib.import_module("edgekd.quantize")
@@ -715,15 +746,15 @@ def test_tflite_converter_is_chosen_by_validation_drop_when_onnx2tf_misses_the_g
     def fp32_stand_in(net, x, path):
         return onnx_to_tflite(to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False), path.parent / "f")["float32"]
 
-    def int8_stand_in(net, calibration, path, float_io=False):
+    def int8_stand_in(net, calibration, path, float_io=False, percentile=None):
         onnx_file = to_onnx(net, calibration, path.with_suffix(".onnx"), dynamic_batch=False)
-        files = onnx_to_tflite(onnx_file, path.parent / "q", calibration=nhwc(calibration))
-        return files["integer_quant" if float_io else "full_integer_quant"]
+        files = onnx_to_tflite(onnx_file, path.parent / path.stem, calibration=nhwc(calibration))
+        return files["integer_quant" if float_io else "full_integer_quant"].rename(path)
 
-    drops, measured = {"onnx2tf": 3.0, "litert": 0.5}, []
+    drops, measured = {"onnx2tf": 3.0, "histogram": 0.5, "p99.99": 0.7, "p99.9": 0.9}, []
 
-    def val_drop(files, key, inputs):
-        measured.append("litert" if "litert" in files[key].name else "onnx2tf")
+    def val_drop(files, key, inputs):  # litert-torch's files are named by their activation calibration
+        measured.append(files[key].stem.removeprefix("model_litert_int8_") if "litert" in files[key].name else "onnx2tf")
         return drops[measured[-1]]
 
     monkeypatch.setattr(quantize_mod, "torch_to_tflite", fp32_stand_in)
@@ -733,12 +764,18 @@ def test_tflite_converter_is_chosen_by_validation_drop_when_onnx2tf_misses_the_g
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "a").models
     assert measured == [] and m.choice["converter"] == "onnx2tf"  # no --max-drop: nothing to choose between
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "b").models
-    assert measured == ["onnx2tf", "litert"] and m.choice["converter"].startswith("litert-torch")
+    assert measured == ["onnx2tf", "histogram", "p99.99", "p99.9"] and m.choice["converter"].startswith("litert-torch")
     assert m.choice["converter_why"] == ("onnx2tf's int8 file lost 3.00 validation points, more than --max-drop; "
-                                         "litert-torch's lost 0.50: kept")
-    drops["litert"] = 4.0
+                                         "litert-torch's with activations ranged by histogram lost 0.50, "
+                                         "percentile 99.99 lost 0.70, percentile 99.9 lost 0.90: the histogram kept")
+    drops.update({"histogram": 2.0, "p99.9": 0.2})  # the calibration that loses least is kept, not the first
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "c").models
-    assert m.choice["converter"] == "onnx2tf" and m.choice["converter_why"].endswith("litert-torch's lost 4.00: onnx2tf's kept")
+    assert m.choice["calibration"] == "percentile 99.9" and m.choice["converter"].startswith("litert-torch")
+    sidecar = json.loads((tmp_path / "c" / "model_int8.tflite.json").read_text())["quantization_choice"]
+    assert sidecar["calibration"] == "percentile 99.9" and "the percentile 99.9 kept" in sidecar["converter_why"]
+    drops.update({"histogram": 4.0, "p99.99": 4.0, "p99.9": 4.0})
+    [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "d").models
+    assert m.choice["converter"] == "onnx2tf" and m.choice["converter_why"].endswith("lost 4.00: onnx2tf's kept")
 
 
 def test_onnx2tf_is_retried_with_a_signature_when_it_asks_for_one(tmp_path, monkeypatch):
