@@ -165,8 +165,18 @@ def render(rows: list[dict], source: str, threads: int) -> str:
               "`eager` with glibc's default heap (edgekd's default before `native.retained_heap`); `eager` = edgekd's "
               "default (channels-last, eager PyTorch, pool before activation, fused optimizer, `retained_heap`); "
               "`channels_first`; `compile` = `torch.compile` of the model (inductor), compilation in warm-up; "
-              "`bf16` = bf16 autocast around the forward pass (AVX512-BF16; this CPU has no AMX)."]
+              "`bf16` = bf16 autocast around the forward pass (" + _bf16_units() + ")."]
     return "\n".join(lines) + "\n"
+
+
+def _bf16_units() -> str:
+    """What this CPU runs bf16 matrix products on: AMX tiles, AVX512-BF16 instructions, or neither."""
+    cpu = getattr(torch, "cpu", None)
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX tiles on this CPU"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16; this CPU has no AMX"
+    return "this CPU has neither AMX nor AVX512-BF16"
 
 
 def main() -> None:

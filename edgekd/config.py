@@ -132,9 +132,10 @@ class RecipeConfig:
     channels_last: bool = True  # NHWC memory format: 0-24% faster convolutions on this CPU
     seed: int = 0  # model init, batch order and augmentation; the same seed repeats a CPU run
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-    amp: bool = True  # mixed precision on CUDA; ignored on CPU (bf16 measured slower there)
-    # auto: fp16 autocast + GradScaler on CUDA (fp32 there when amp = false), fp32 on the CPU;
-    # fp32; bf16: bf16 autocast on CPU or CUDA, no scaler (bf16 has fp32's range); fp16: CUDA only
+    amp: bool = True  # mixed precision where it pays: CUDA, and CPUs with AMX tiles (distill.resolve_precision)
+    # auto: fp16 autocast + GradScaler on CUDA, bf16 autocast on a CPU with AMX, fp32 on other CPUs (fp32
+    # everywhere when amp = false); fp32; bf16: bf16 autocast on CPU or CUDA, no scaler (bf16 has fp32's
+    # range); fp16: CUDA only
     precision: str = "auto"
     eval_batch_size: int = 1024
     # A step's gradient norm is clipped to this multiple of its running average (after 20 steps), for

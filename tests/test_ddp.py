@@ -197,9 +197,23 @@ def test_a_run_saved_before_a_config_field_existed_still_resumes():
     ("bf16", True, "cuda:0", torch.bfloat16, False),
     ("fp16", False, "cuda:0", torch.float16, True),
 ])
-def test_precision_choices(precision, amp, device, autocast, scaled):
+def test_precision_choices(precision, amp, device, autocast, scaled, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("edgekd.distill"), "cpu_has_amx", lambda: False)
     p = resolve_precision(precision, amp, torch.device(device))
     assert (p.autocast, p.scaled) == (autocast, scaled)
+
+
+def test_auto_precision_is_bf16_on_a_cpu_with_amx_tiles_unless_amp_is_off(monkeypatch):
+    distill = importlib.import_module("edgekd.distill")
+    monkeypatch.setattr(distill, "cpu_has_amx", lambda: True)
+    assert resolve_precision("auto", True, CPU) == distill.Precision(torch.bfloat16, False, "bf16")
+    assert resolve_precision("auto", False, CPU).autocast is None  # amp off: fp32
+    assert resolve_precision("fp32", True, CPU).autocast is None  # asked for: fp32
+    assert resolve_precision("auto", True, torch.device("cuda:0")).name == "fp16"  # CUDA keeps fp16
+    monkeypatch.undo()  # the real probe, made to fail: a probe that raises means no AMX
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: (_ for _ in ()).throw(RuntimeError("probe")),
+                        raising=False)
+    assert distill.cpu_has_amx() is False and resolve_precision("auto", True, CPU).name == "fp32"
 
 
 def test_fp16_on_the_cpu_is_refused_in_one_line(tmp_path):

@@ -54,7 +54,7 @@ _SHARED = {
                       "\\[default: 0]"),
     "seed": _Shared("recipe", "seed", int, "Seed for init, batch order and augmentation \\[default: 0]"),
     "device": _Shared("recipe", "device", str, "auto (CUDA when present), cpu, cuda, cuda:N \\[default: auto]"),
-    "precision": _Shared("recipe", "precision", str, "auto (fp16 autocast + loss scaling on CUDA, fp32 on the CPU), "
+    "precision": _Shared("recipe", "precision", str, "auto (fp16 autocast + loss scaling on CUDA, bf16 on a CPU with AMX, else fp32), "
                          "fp32, bf16 (CPU or CUDA) or fp16 (CUDA only) \\[default: auto]"),
 }
 _LAST = ("config", "out", "resume", "as_json")  # listed after the shared options in --help
