@@ -64,7 +64,7 @@ def main() -> None:
     result = train(cfg, out, resume=(out / "last.pt").exists(), data=data, on_step=progress)
     row = {"config": rel_config, "arch": result.arch, "params": result.params,
            "epochs": result.epochs, "best_epoch": result.best_epoch, "val_acc": result.best_val_acc,
-           "test_acc": result.test_acc, "train_s": result.train_s, "this_process_s": time.perf_counter() - t0,
+           "test_acc": result.test_acc, "test_acc_flip_tta": result.test_acc_flip_tta, "train_s": result.train_s, "this_process_s": time.perf_counter() - t0,
            "images_per_s": result.images_per_s, "history": list(result.history),
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -75,7 +75,9 @@ def main() -> None:
     lines = [f"# A strong CIFAR-10 teacher on a {row['machine']['cores']}-core CPU", "",
              f"Command: `{row['command']}` (config `{row['config']}`, data: the shared CIFAR-10 JPEG copy, "
              "45,000 train / 5,000 val / 10,000 test).", "",
-             f"**{row['arch']}** ({row['params']:,} params): test **{row['test_acc']:.2f}%** (best validation "
+             f"**{row['arch']}** ({row['params']:,} params): test **{row['test_acc']:.2f}%**"
+             + (f" ({row['test_acc_flip_tta']:.2f}% with flip test-time augmentation: the mean logits of each image and "
+                "its mirror)" if row["test_acc_flip_tta"] is not None else "") + " (best validation "
              f"{row['val_acc']:.2f}% at epoch {row['best_epoch']} of {row['epochs']}), "
              f"**{row['train_s'] / 60:.1f} min** of training, validation and test evaluation "
              f"({row['images_per_s']:.0f} training images/s).", "",

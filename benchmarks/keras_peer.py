@@ -98,7 +98,7 @@ def job_edgekd(phase: str, data, epochs: int, seed: int, teacher: Path | None, o
     result = train(cfg, out, data=data)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "test_acc": result.test_acc, "val_acc": result.best_val_acc,
-            "teacher_file": str(out / "best.pt")}
+            "teacher_file": str(out / "best.pt"), "precision": result.precision}
 
 
 def keras_models(keras):
@@ -309,6 +309,9 @@ def render(raw: dict, phases: list[str], systems: list[str]) -> str:
                          f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f}) | "
                          f"{statistics.mean(p[0]['test_acc'] for p in pairs):.2f} | "
                          f"{statistics.mean(p[1]['test_acc'] for p in pairs):.2f} |")
+    precisions = sorted({r[k].get("precision", "fp32") for r in rounds for k in r if k.endswith("/edgekd")})
+    lines += ["", f"edgekd trained in {' and '.join(precisions)} (its `precision = \"auto\"`: bf16 autocast on a CPU with "
+              "AMX tiles, fp32 on others); Keras 3 in float32, as seed 004 runs it."]
     if raw.get("note"):
         lines += ["", raw["note"]]
     lines += ["", "Phases:"] + [f"- `{p}`: {PHASES[p][1]}" for p in phases]

@@ -267,6 +267,8 @@ def torch_to_tflite_int8(net: nn.Module, calibration: torch.Tensor, path: Path, 
     float32, what MediaPipe and the TFLite Task Library load (``_FloatBoundary``). Activation ranges come from
     PT2E's histogram observer (the range that minimises the L2 rounding error), or with ``percentile`` from that
     histogram's ``percentile``-th and ``100 - percentile``-th values (``percentile_range``)."""
+    if percentile is not None and not 50.0 < percentile <= 100.0:
+        raise EdgeKDError(f"a percentile calibration keeps more than half the values: 50 < percentile <= 100, got {percentile:g}")
     net = _FloatBoundary(net) if float_io else net
     litert_torch = _import_litert()
     calibration_nhwc = _nhwc(calibration)

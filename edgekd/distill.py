@@ -79,6 +79,9 @@ class TrainResult:
     bn_recalibrated: bool = False
     warnings: tuple[str, ...] = ()  # what the user should know about the run (divergence_warning)
     precision: str = "fp32"  # what the training forward passes ran in (resolve_precision)
+    # Runs trained on mirrored images: test top-1 of the mean logits over each test image and its mirror
+    # (flip test-time augmentation, what fast-training reports such as airbench's quote); test_acc is without
+    test_acc_flip_tta: float | None = None
 
     def summary(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "history"}
@@ -176,12 +179,22 @@ def resolve_precision(precision: str, amp: bool, device: torch.device) -> Precis
                      precision)
 
 
+def _resumed_precision(last: Path, amp: bool, device: torch.device) -> Precision:
+    """The precision ``auto`` resolved to when the run in ``last`` started: recorded in ``last.pt``; a run
+    saved before it was recorded trained in fp32 on the CPU (fp16 on CUDA with ``amp``)."""
+    saved = load_checkpoint(last).get("precision") if last.exists() else None
+    if saved is None:
+        saved = "fp16" if device.type == "cuda" and amp else "fp32"
+    return resolve_precision(saved, amp, device)
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), where oneDNN runs bf16 convolutions on
-    them. PyTorch's own probe (cpuinfo); a PyTorch without it counts as no AMX, so fp32 stays the default."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
+    them. PyTorch's own probes (cpuinfo, then the kernel's permission); a PyTorch without them counts as no
+    AMX, so fp32 stays the default."""
+    probe, grant = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_init_amx"))
+    try:  # the CPU has the tiles, and the kernel lets this process use them (some VMs do not)
+        return bool(probe()) and bool(grant()) if probe is not None and grant is not None else False
     except Exception:  # noqa: BLE001 - a failing probe means no AMX, not a failed run
         return False
 
@@ -209,12 +222,18 @@ class InputSpec:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x_u8: torch.Tensor, spec: InputSpec, device, batch_size: int = 1024) -> torch.Tensor:
-    """Logits for uint8 images ``(N, C, H, W)``, in eval mode, batched; returned on the CPU."""
+def predict_logits(model: nn.Module, x_u8: torch.Tensor, spec: InputSpec, device, batch_size: int = 1024,
+                   mirrored: bool = False) -> torch.Tensor:
+    """Logits for uint8 images ``(N, C, H, W)``, in eval mode, batched; returned on the CPU. ``mirrored``: of
+    the images flipped left to right."""
     model.eval()
-    outs = [model(spec(to_unit(x_u8[i:i + batch_size].to(device)))).float().cpu()
+    outs = [model(spec(to_unit(_mirror(x_u8[i:i + batch_size], mirrored).to(device)))).float().cpu()
             for i in range(0, len(x_u8), batch_size)]
     return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def _mirror(x: torch.Tensor, mirrored: bool) -> torch.Tensor:
+    return x.flip(-1) if mirrored else x
 
 
 SLOW_BN_MOMENTUM = 0.05  # torchvision's MobileNetV3 and EfficientNet use 0.01; PyTorch's default is 0.1
@@ -346,9 +365,13 @@ def build_teacher_cache(teachers, x_u8, views: int, pad: int, flip: bool, seed: 
     return TeacherCache(params, logits)
 
 
-def teacher_cache_key(cfg: DistillConfig, data: ImageData, teacher: str, pad: int, flip: bool) -> str:
-    """What one teacher's cached outputs depend on: the data, the teacher file, the views and their seed."""
+def teacher_cache_key(cfg: DistillConfig, data: ImageData, teacher: str, pad: int, flip: bool,
+                      teacher_kind: str = "") -> str:
+    """What one teacher's cached outputs depend on: the data, the teacher file, the views and their seed, and
+    how the teacher runs where that changes its numbers (``edgekd (bf16)``; fp32 in PyTorch or onnxruntime alike)."""
     h = hashlib.sha256()
+    if teacher_kind.endswith("(bf16)"):
+        h.update(b"bf16")
     h.update(data.fingerprint().encode())
     st = Path(teacher).stat()
     h.update(f"{Path(teacher).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -458,9 +481,11 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
         raise EdgeKDError("kd.hint_weight runs in a single process; launch without torchrun or set it to 0")
     precision = resolve_precision(cfg.recipe.precision, cfg.recipe.amp, rt.device)
     _check_out_dir(out, resume)
+    if resume and cfg.recipe.precision == "auto":  # a resumed run goes on in what it started in, wherever it resumes
+        precision = _resumed_precision(rundir.last(out), cfg.recipe.amp, rt.device)
     data = data if data is not None else _load_data(cfg, on_step)
-    teachers = [load_teacher(p, device=rt.device, input_mean=cfg.kd.teacher_mean, input_std=cfg.kd.teacher_std)
-                for p in cfg.kd.teachers]
+    teachers = [load_teacher(p, device=rt.device, input_mean=cfg.kd.teacher_mean, input_std=cfg.kd.teacher_std,
+                             bf16=precision.autocast is torch.bfloat16 and cpu_has_amx()) for p in cfg.kd.teachers]
     if cfg.kd.hint_weight and not teachers[0].kind.startswith("edgekd"):
         raise EdgeKDError(f"kd.hint_weight needs an edgekd checkpoint teacher, and {teachers[0].name} is {teachers[0].kind}: "
                           "its layers are what the student's feature map is matched to")
@@ -529,7 +554,7 @@ def _make_loop(cfg, out, model, data, spec, precision, rt, teachers, resume, cac
     cache = None
     if teachers and kd.cache_views > 0:
         views = kd.cache_views if (pad or flip) else 1
-        keys = [teacher_cache_key(cfg, data, t, pad, flip) for t in kd.teachers]
+        keys = [teacher_cache_key(cfg, data, path, pad, flip, t.kind) for path, t in zip(kd.teachers, teachers)]
         cache = _load_or_build_cache(cache_dir, keys, teachers, data, views, pad, flip, r.seed, rt, on_step)
     steps_per_epoch = math.ceil((len(data.train_x) // rt.world) / max(1, r.batch_size // rt.world))
     trained = pool_before_activation(model)  # the same parameters, a faster order for training
@@ -581,7 +606,7 @@ def _save_epoch(out: Path, model: nn.Module, meta: dict, cfg: DistillConfig, loo
     if record["val_acc"] > state["best_val_acc"]:
         state["best_val_acc"], state["best_epoch"] = record["val_acc"], record["epoch"]
         save_checkpoint(rundir.best(out), model, meta, epoch=record["epoch"], val_acc=record["val_acc"])
-    save_checkpoint(rundir.last(out), model, meta, config=cfg.to_dict(),
+    save_checkpoint(rundir.last(out), model, meta, config=cfg.to_dict(), precision=loop.precision.name,
                     **_resume_state(loop.optimizer, loop.scheduler, loop.scaler, loop.rt.device, loop.clip, loop.hint),
                     **state)
     _write_history(out, state["history"])
@@ -591,14 +616,19 @@ def _finish(cfg, out, loop, meta, state, train_s, cache_s, teacher_reports) -> T
     """Test the best checkpoint once and write ``result.json``."""
     rt, data, r = loop.rt, loop.data, cfg.recipe
     best, _ = _load_best(out, rt.device)
-    test_acc = accuracy(predict_logits(best, data.test_x, loop.spec, rt.device, r.eval_batch_size), data.test_y)
+    test_logits = predict_logits(best, data.test_x, loop.spec, rt.device, r.eval_batch_size)
+    test_acc = accuracy(test_logits, data.test_y)
+    flip_tta = None  # a run trained on mirrored images: also the test accuracy of the mean over each image and its mirror
+    if loop.flip and len(data.test_y):
+        mirrored = predict_logits(best, data.test_x, loop.spec, rt.device, r.eval_batch_size, mirrored=True)
+        flip_tta = accuracy(test_logits + mirrored, data.test_y)
     images = len(data.train_x) * r.epochs
     result = TrainResult(out, meta["arch"], count_params(best), state["best_val_acc"], test_acc, r.epochs,
                          state["best_epoch"], train_s, cache_s, images / train_s if train_s else 0.0,
                          str(rt.device), tuple(teacher_reports), tuple(state["history"]), data.summary,
                          any(h.get("bn_recalibrated", False) for h in state["history"]),
                          divergence_warning(state["history"], data.num_classes, bool(cfg.kd.teachers)),
-                         loop.precision.name)
+                         loop.precision.name, flip_tta)
     if rt.main:
         atomic_write_json(rundir.result_file(out), result.summary())
     if rt.world > 1:

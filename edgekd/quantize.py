@@ -459,7 +459,8 @@ def _quantize_onnx(onnx_source, onnx_fp32, fp32_art, tmp, inputs: _Inputs, activ
 def _ort_int8(pre: Path, path: Path, inputs: _Inputs, act: str, reduce_range: bool, exclude: tuple[str, ...] = (),
               percentile: float | None = None) -> Path:
     """onnxruntime's static QDQ quantization, per-channel int8 weights; ``exclude`` names nodes kept in float.
-    Activation ranges are the calibration images' min/max, or with ``percentile`` that percentile of |x|."""
+    Activation ranges are the calibration images' min/max, or with ``percentile`` the range that holds that share
+    of the values (onnxruntime's percentile calibration: (100 - percentile) / 2 % cut at each end)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     act_type = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[act]
@@ -592,11 +593,13 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
         raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")
     first = None if max_drop is None or not litert_torch_installed() or not len(inputs.val_y) else _val_drop(files, key, inputs)
     if first is None or first <= max_drop:
-        return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf"})
+        return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "calibration": "min/max"})
     return _better_converter(files, first, nets, tmp, inputs, key, io, target)
 
 
-LITERT_CALIBRATIONS = (None, 99.99, 99.9)  # PT2E's histogram observer, then two percentiles (the ONNX path's)
+# PT2E's histogram observer, then ranges that cut 0.01% and 0.1% of the values at each end (convert.percentile_range;
+# onnxruntime's "percentile P" cuts (100 - P) / 2 % at each end, so these are not the ONNX path's settings)
+LITERT_CALIBRATIONS = (None, 99.99, 99.9)
 
 
 def _better_converter(files, onnx2tf_drop: float, nets, tmp, inputs: _Inputs, key, io, target) -> QuantizedModel:
@@ -604,13 +607,17 @@ def _better_converter(files, onnx2tf_drop: float, nets, tmp, inputs: _Inputs, ke
     files too, with each activation calibration of ``LITERT_CALIBRATIONS``, and the int8 file that loses least
     on validation is kept, with every drop recorded."""
     why = f"onnx2tf's int8 file lost {onnx2tf_drop:.2f} validation points, more than --max-drop"
+    if io == "uint8":
+        return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "calibration": "min/max",
+                                                              "converter_why": f"{why}; litert-torch makes no uint8 file"})
     try:
         fp32 = torch_to_tflite(nets[0], inputs.check_x, tmp / "model_litert.tflite")
     except EdgeKDError as exc:
-        return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "converter_why": f"{why}; litert-torch: {exc}"})
+        return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "calibration": "min/max",
+                                                              "converter_why": f"{why}; litert-torch: {exc}"})
     best, tried = None, []
     for percentile in LITERT_CALIBRATIONS:
-        name = "histogram" if percentile is None else f"percentile {percentile:g}"  # as the ONNX path records it
+        name = "histogram" if percentile is None else f"percentiles {100 - percentile:.2g}-{percentile:g}"
         out = tmp / f"model_litert_int8_{'histogram' if percentile is None else f'p{percentile:g}'}.tflite"
         try:
             int8 = torch_to_tflite_int8(nets[1], inputs.calib_x, out, float_io=io == "float32", percentile=percentile)
@@ -627,7 +634,8 @@ def _better_converter(files, onnx2tf_drop: float, nets, tmp, inputs: _Inputs, ke
         return _tflite_model({"float32": fp32, key: best[1]}, key, inputs, io, target,
                              {"converter": LITERT, "converter_why": f"{why}: the {best[2]} kept",
                               "calibration": best[2]})
-    return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "converter_why": f"{why}: onnx2tf's kept"})
+    return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "converter_why": f"{why}: onnx2tf's kept",
+                                                          "calibration": "min/max"})
 
 
 def _litert_files(nets, tmp: Path, i: _Inputs, key: str, io: str) -> dict[str, Path]:

@@ -18,7 +18,9 @@ def train_table(result) -> Table:
     table = Table(title=f"edgekd: {result.arch} -> {result.out_dir}")
     for col in ("params", "best val acc", "test acc", "best epoch", "time", "images/s", "device"):
         table.add_column(col, justify="right")
-    table.add_row(f"{result.params:,}", _pct(result.best_val_acc), _pct(result.test_acc),
+    tta = getattr(result, "test_acc_flip_tta", None)
+    test = _pct(result.test_acc) + (f" ({_pct(tta)} with flip TTA)" if tta is not None else "")
+    table.add_row(f"{result.params:,}", _pct(result.best_val_acc), test,
                   f"{result.best_epoch}/{result.epochs}", f"{result.train_s:.1f} s", f"{result.images_per_s:,.0f}",
                   result.device)
     return table

@@ -62,6 +62,27 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(synth, tmp_path)
         train(changed, tmp_path / "cut", data=synth, resume=True)
 
 
+def test_a_resumed_run_goes_on_in_the_precision_it_started_in(synth, tmp_path, monkeypatch):
+    """precision auto is resolved by the machine (bf16 on a CPU with AMX tiles): a run resumed on another machine,
+    or after this one's answer changed, trains on in what it started in, as last.pt records; a run saved before
+    that was recorded started in fp32."""
+    import importlib
+
+    distill = importlib.import_module("edgekd.distill")  # the module; edgekd.distill is also a function
+    cfg = DistillConfig(model=ModelConfig(arch="resnet8"), recipe=RecipeConfig(epochs=2, lr=0.05, **PLAIN))
+    monkeypatch.setattr(distill, "cpu_has_amx", lambda: False)
+    with pytest.raises(Stop):
+        train(cfg, tmp_path / "cut", data=synth, on_step=stop_after_epoch(1))
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["precision"] == "fp32"
+    monkeypatch.setattr(distill, "cpu_has_amx", lambda: True)
+    assert train(cfg, tmp_path / "fresh", data=synth).precision == "bf16"  # a new run on an AMX CPU
+    assert train(cfg, tmp_path / "cut", data=synth, resume=True).precision == "fp32"
+    last = load_checkpoint(tmp_path / "fresh" / "last.pt")
+    last.pop("precision")  # as a run saved before the precision was recorded
+    torch.save(last, tmp_path / "fresh" / "last.pt")
+    assert distill._resumed_precision(tmp_path / "fresh" / "last.pt", True, torch.device("cpu")).name == "fp32"
+
+
 def test_nan_loss_stops_with_a_clear_error(synth, tmp_path):
     cfg = DistillConfig(model=ModelConfig(arch="seed002_student"),
                         recipe=RecipeConfig(epochs=2, lr=1e12, optimizer="sgd", schedule="constant", **PLAIN))

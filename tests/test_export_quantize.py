@@ -650,6 +650,10 @@ def test_percentile_range_reads_both_tails_of_a_histogram():
     assert percentile_range(counts, 0.0, 10.0, 99.9) == pytest.approx((1.0, 2.0))  # both outliers cut
     assert percentile_range(counts, 0.0, 10.0, 100.0) == pytest.approx((0.0, 10.0))  # the whole range
     assert percentile_range(np.zeros(4), -1.0, 3.0, 99.9) == (-1.0, 3.0)  # nothing counted: the range as it is
+    from edgekd.convert import torch_to_tflite_int8
+
+    with pytest.raises(EdgeKDError, match="50 < percentile <= 100, got 40"):  # refused before any conversion
+        torch_to_tflite_int8(_tiny_net(), torch.rand(2, 3, 8, 8), Path("never-written.tflite"), percentile=40.0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("litert_torch") is None, reason="litert-torch is an optional extra")
@@ -767,15 +771,16 @@ def test_tflite_converter_is_chosen_by_validation_drop_when_onnx2tf_misses_the_g
     assert measured == ["onnx2tf", "histogram", "p99.99", "p99.9"] and m.choice["converter"].startswith("litert-torch")
     assert m.choice["converter_why"] == ("onnx2tf's int8 file lost 3.00 validation points, more than --max-drop; "
                                          "litert-torch's with activations ranged by histogram lost 0.50, "
-                                         "percentile 99.99 lost 0.70, percentile 99.9 lost 0.90: the histogram kept")
+                                         "percentiles 0.01-99.99 lost 0.70, percentiles 0.1-99.9 lost 0.90: the histogram kept")
     drops.update({"histogram": 2.0, "p99.9": 0.2})  # the calibration that loses least is kept, not the first
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "c").models
-    assert m.choice["calibration"] == "percentile 99.9" and m.choice["converter"].startswith("litert-torch")
+    assert m.choice["calibration"] == "percentiles 0.1-99.9" and m.choice["converter"].startswith("litert-torch")
     sidecar = json.loads((tmp_path / "c" / "model_int8.tflite.json").read_text())["quantization_choice"]
-    assert sidecar["calibration"] == "percentile 99.9" and "the percentile 99.9 kept" in sidecar["converter_why"]
+    assert sidecar["calibration"] == "percentiles 0.1-99.9" and "the percentiles 0.1-99.9 kept" in sidecar["converter_why"]
     drops.update({"histogram": 4.0, "p99.99": 4.0, "p99.9": 4.0})
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "d").models
     assert m.choice["converter"] == "onnx2tf" and m.choice["converter_why"].endswith("lost 4.00: onnx2tf's kept")
+    assert m.choice["calibration"] == "min/max"
 
 
 def test_onnx2tf_is_retried_with_a_signature_when_it_asks_for_one(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Every teacher format gives the same logits as the model it came from, and bad teachers fail early."""
 
+import json
 import pickle
 from pathlib import Path
 
@@ -169,3 +170,44 @@ def test_cpu_teacher_runs_through_onnxruntime_and_matches_eager(teacher_run):
     with torch.no_grad():
         want = Deployable(model, meta["mean"], meta["std"]).eval()(x)
     assert torch.allclose(t(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_teacher_in_bf16_runs_in_pytorch_under_autocast_and_has_its_own_cache_key(teacher_run, synth):
+    """A run training in bf16 (precision auto on a CPU with AMX) asks its edgekd teachers for bf16 too: PyTorch
+    under autocast instead of onnxruntime, answers within bf16's rounding of fp32's, and a teacher cache of its
+    own (cached fp32 outputs are not bf16 ones)."""
+    from edgekd.config import DistillConfig
+    from edgekd.distill import teacher_cache_key
+    from edgekd.teachers import load_teacher
+
+    path = Path(teacher_run.out_dir) / "best.pt"
+    fp32, bf16 = load_teacher(path), load_teacher(path, bf16=True)
+    assert bf16.kind == "edgekd (bf16)"
+    x = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    want, got = fp32(x), bf16(x)
+    assert got.dtype == torch.float32 and not torch.equal(got, want)  # bf16 arithmetic, fp32 logits
+    assert torch.allclose(got, want, atol=0.1 * float(want.abs().max()), rtol=0.05)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+    cfg = DistillConfig()
+    keys = {teacher_cache_key(cfg, synth, str(path), 2, True, t.kind) for t in (fp32, bf16)}
+    assert len(keys) == 2 and teacher_cache_key(cfg, synth, str(path), 2, True, "edgekd") in keys  # fp32 keys unchanged
+
+
+def test_a_run_trained_on_mirrored_images_also_reports_flip_tta_test_accuracy(synth, teacher_run, tmp_path):
+    """The mean of the logits over each test image and its mirror, from the best checkpoint; test_acc stays plain.
+    A run without flips (teacher_run) reports none."""
+    from edgekd import DistillConfig, ModelConfig, RecipeConfig, train
+    from edgekd.checkpoint import load_model
+    from edgekd.distill import InputSpec, accuracy, predict_logits
+
+    assert teacher_run.test_acc_flip_tta is None and "test_acc_flip_tta" in teacher_run.summary()
+    cfg = DistillConfig(model=ModelConfig(arch="resnet8"), recipe=RecipeConfig(epochs=2, batch_size=32, lr=0.05,
+                                                                                augment_pad=0, augment_flip=True))
+    result = train(cfg, tmp_path / "r", data=synth)
+    model, meta = load_model(tmp_path / "r" / "best.pt")
+    spec = InputSpec(meta["in_channels"], tuple(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"]))
+    plain = predict_logits(model, synth.test_x, spec, "cpu")
+    mirror = predict_logits(model, synth.test_x.flip(-1), spec, "cpu")
+    assert result.test_acc == pytest.approx(accuracy(plain, synth.test_y), abs=1e-6)
+    assert result.test_acc_flip_tta == pytest.approx(accuracy(plain + mirror, synth.test_y), abs=1e-6)
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["test_acc_flip_tta"] == result.test_acc_flip_tta

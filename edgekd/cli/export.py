@@ -107,9 +107,11 @@ def _print_choices(result) -> None:
                   f"{q['val_acc_after']:.2f}% (epoch {q['best_epoch']} kept), {q['seconds']:.0f} s", highlight=False)
     for m in result.models:
         err.print(f"{m.format}: {m.choice.get('why', '')}", highlight=False)
+        if m.choice.get("converter_why"):  # TFLite: which converter, and the calibration, made the file
+            err.print(f"{m.format}: {m.choice['converter']}: {m.choice['converter_why']}", highlight=False)
         fb = m.choice.get("float_fallback")
         if fb and fb["calibration"] != "min/max":
-            err.print(f"{m.format}: activation ranges calibrated to the {fb['calibration'].split()[-1]}th percentile of |x| "
+            err.print(f"{m.format}: activation ranges calibrated to the {fb['calibration'].split()[-1]}th percentile "
                       f"instead of min/max: validation drop {fb['val_drop_before']:.2f} -> {fb['val_drop_after']:.2f} "
                       "points, every layer int8", highlight=False)
         if fb and fb["float_layers"]:
