@@ -205,8 +205,8 @@ def _load_torch_teacher(path: Path, device, mean, std, bf16: bool = False) -> Fu
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return model(x).float().cpu()
 
-    # bf16 on AMX: fastcnn's forward ran 3.9x faster than fp32 eager (benchmarks/results/step_profile_amx.md),
-    # faster than onnxruntime's 1.4-1.5x of eager
+    # bf16 on AMX answered 2.9x (fastcnn) and 1.6x (seed 002's teacher) as fast as onnxruntime fp32, batch 512
+    # (benchmarks/results/teacher_inference.md)
     fast = _onnxruntime_forward(model, meta, run) if device.type == "cpu" and not bf16 else None
     kind = "edgekd (onnxruntime)" if fast else "edgekd (bf16)" if bf16 else "edgekd"
     return FunctionTeacher(path.name, fast or run, tuple(meta["classes"]), kind=kind,
