@@ -34,7 +34,8 @@ from edgekd.files import atomic_write_json, atomic_write_text, clean_stale_temps
 from edgekd.hints import CHECKPOINT_SUFFIXES, Hint, build_hint
 from edgekd.native import retained_heap
 from edgekd.teachers import FunctionTeacher, load_teacher
-from edgekd.zoo import EXTERNAL_PREFIXES, build_model, count_params, fit_input, pool_before_activation
+from edgekd.zoo import (EXTERNAL_PREFIXES, build_model, count_params, fit_input, grouped_convolutions,
+                        pool_before_activation)
 import edgekd.rundir as rundir
 
 OnStep = Callable[[str, int, int, dict], None]
@@ -495,6 +496,9 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
             on_step("warning", 0, 0, {"message": warning})
     torch.manual_seed(cfg.recipe.seed)
     model, meta, spec = _build_on(cfg, data, rt.device)
+    if cfg.recipe.precision == "auto" and not resume and precision.autocast is torch.bfloat16 \
+            and rt.device.type == "cpu" and grouped_convolutions(model):
+        precision = resolve_precision("fp32", cfg.recipe.amp, rt.device)  # depthwise layers: bf16 measured slower
     out.mkdir(parents=True, exist_ok=True)
     if rt.main:
         clean_stale_temps(out)

@@ -17,7 +17,7 @@ from edgekd.checkpoint import chosen_input_size, load_model
 from edgekd.errors import EdgeKDError
 from edgekd.native import quiet_native_logs
 from edgekd.registry import Registry
-from edgekd.zoo import fit_input
+from edgekd.zoo import fit_input, grouped_convolutions
 from edgekd.convert import to_onnx
 from edgekd.deployable import Deployable
 from edgekd.runtime import onnx_session, open_keras, open_torchscript, TFLiteRunner
@@ -194,7 +194,7 @@ def _load_torch_teacher(path: Path, device, mean, std, bf16: bool = False) -> Fu
     size = tuple(meta["input_size"])
     channels = int(meta["in_channels"])
 
-    bf16 = bf16 and device.type == "cpu"
+    bf16 = bf16 and device.type == "cpu" and not grouped_convolutions(model)
 
     @torch.no_grad()
     def run(x_unit: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,21 @@ def test_a_resumed_run_goes_on_in_the_precision_it_started_in(synth, tmp_path, m
     assert distill._resumed_precision(tmp_path / "fresh" / "last.pt", True, torch.device("cpu")).name == "fp32"
 
 
+def test_auto_precision_keeps_networks_with_grouped_convolutions_in_fp32(synth, tmp_path, monkeypatch):
+    """On an AMX CPU precision auto trains in bf16, except networks with depthwise or grouped convolutions,
+    whose bf16 kernels were slower than fp32 (MobileNetV2 in benchmarks/results/keras_peer.md)."""
+    import importlib
+
+    from edgekd.zoo import build_model, grouped_convolutions
+
+    distill = importlib.import_module("edgekd.distill")
+    monkeypatch.setattr(distill, "cpu_has_amx", lambda: True)
+    assert grouped_convolutions(build_model("torchvision:shufflenet_v2_x0_5", 4, 3, (16, 16)))
+    assert not grouped_convolutions(build_model("resnet8", 4, 3, (16, 16)))
+    cfg = DistillConfig(model=ModelConfig(arch="torchvision:shufflenet_v2_x0_5"), recipe=RecipeConfig(epochs=1, lr=0.01, **PLAIN))
+    assert train(cfg, tmp_path / "grouped", data=synth).precision == "fp32"
+
+
 def test_nan_loss_stops_with_a_clear_error(synth, tmp_path):
     cfg = DistillConfig(model=ModelConfig(arch="seed002_student"),
                         recipe=RecipeConfig(epochs=2, lr=1e12, optimizer="sgd", schedule="constant", **PLAIN))
