@@ -311,7 +311,7 @@ def render(raw: dict, phases: list[str], systems: list[str]) -> str:
                          f"{statistics.mean(p[1]['test_acc'] for p in pairs):.2f} |")
     precisions = sorted({r[k].get("precision", "fp32") for r in rounds for k in r if k.endswith("/edgekd")})
     lines += ["", f"edgekd trained in {' and '.join(precisions)} (its `precision = \"auto\"`: bf16 autocast on a CPU with "
-              "AMX tiles, fp32 on others); Keras 3 in float32, as seed 004 runs it."]
+              "AMX tiles, except networks with grouped convolutions; fp32 on others); Keras 3 in float32, as seed 004 runs it."]
     if raw.get("note"):
         lines += ["", raw["note"]]
     lines += ["", "Phases:"] + [f"- `{p}`: {PHASES[p][1]}" for p in phases]

@@ -171,10 +171,11 @@ def render(rows: list[dict], source: str, threads: int) -> str:
 
 def _bf16_units() -> str:
     """What this CPU runs bf16 matrix products on: AMX tiles, AVX512-BF16 instructions, or neither."""
-    cpu = getattr(torch, "cpu", None)
-    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+    from edgekd.distill import cpu_has_amx
+
+    if cpu_has_amx():
         return "AMX tiles on this CPU"
-    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "AVX512-BF16; this CPU has no AMX"
     return "this CPU has neither AMX nor AVX512-BF16"
 

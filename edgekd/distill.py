@@ -166,14 +166,16 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
 
 
-def resolve_precision(precision: str, amp: bool, device: torch.device) -> Precision:
+def resolve_precision(precision: str, amp: bool, device: torch.device, model: nn.Module | None = None) -> Precision:
     """``recipe.precision`` on ``device``: auto is fp16 with a GradScaler on CUDA and bf16 on a CPU with AMX
-    tiles (fp32 on other CPUs, and everywhere when ``amp`` is off); bf16 works on both; fp16 needs CUDA.
+    tiles (fp32 on other CPUs, for a ``model`` with grouped convolutions, whose bf16 kernels were slower, and
+    everywhere when ``amp`` is off); bf16 works on both; fp16 needs CUDA.
     On a CPU with AMX, bf16 autocast trained seed 002's teacher 3.1x, fastcnn 3.0x, edge_resnet_s 1.9x and
     seed 002's student 1.3x faster per step than fp32 (benchmarks/results/step_profile_amx.md); without AMX
     (AVX512-BF16 only) it was slower than fp32 (step_profile_teachers.md)."""
     if precision == "auto":
-        precision = ("fp16" if device.type == "cuda" else "bf16" if cpu_has_amx() else "fp32") if amp else "fp32"
+        cpu_bf16 = cpu_has_amx() and not (model is not None and grouped_convolutions(model))
+        precision = ("fp16" if device.type == "cuda" else "bf16" if cpu_bf16 else "fp32") if amp else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise EdgeKDError(f"precision fp16 needs a CUDA GPU, the run is on {device}; use bf16 or fp32 on the CPU")
     return Precision({"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision], precision == "fp16",
@@ -496,9 +498,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, resume: bool = False,
             on_step("warning", 0, 0, {"message": warning})
     torch.manual_seed(cfg.recipe.seed)
     model, meta, spec = _build_on(cfg, data, rt.device)
-    if cfg.recipe.precision == "auto" and not resume and precision.autocast is torch.bfloat16 \
-            and rt.device.type == "cpu" and grouped_convolutions(model):
-        precision = resolve_precision("fp32", cfg.recipe.amp, rt.device)  # depthwise layers: bf16 measured slower
+    if not resume:  # the student's own layers decide too, now that it exists (a resumed run keeps its precision)
+        precision = resolve_precision(cfg.recipe.precision, cfg.recipe.amp, rt.device, model)
     out.mkdir(parents=True, exist_ok=True)
     if rt.main:
         clean_stale_temps(out)
