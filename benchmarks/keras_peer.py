@@ -56,6 +56,7 @@ PHASES = {
 }
 SHARE = {"mobilenet_v2": 0.5, "distill": 0.5}  # share of --images a phase uses
 LONG = ("scratch-long", "distill")  # phases run for --long-epochs
+ALL_SYSTEMS = ("edgekd", "keras", "keras_bf16", "tf_keras")
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ def keras_models(keras):
             "torchvision:mobilenet_v2": mobilenet_v2}
 
 
-def job_keras(phase: str, data, epochs: int, seed: int, teacher: Path | None, out: Path, legacy: bool) -> dict:
+def job_keras(phase: str, data, epochs: int, seed: int, teacher: Path | None, out: Path, legacy: bool,
+              bf16: bool = False) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
     import tensorflow as tf
@@ -147,6 +149,8 @@ def job_keras(phase: str, data, epochs: int, seed: int, teacher: Path | None, ou
         import tf_keras as keras
     else:
         from tensorflow import keras  # seed 004's import: Keras 3 on TensorFlow 2.21
+    if bf16:  # not what seed 004 does: Keras's own mixed precision, the fair match for edgekd's bf16 on AMX
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
 
     def nhwc(x):
         return np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1)).astype("float32") / 255.0
@@ -233,7 +237,8 @@ def job(args) -> None:
     if args.who == "edgekd":
         row = job_edgekd(args.phase, data, args.epochs, args.round, teacher, out)
     else:
-        row = job_keras(args.phase, data, args.epochs, args.round, teacher, out, legacy=args.who == "tf_keras")
+        row = job_keras(args.phase, data, args.epochs, args.round, teacher, out, legacy=args.who == "tf_keras",
+                        bf16=args.who == "keras_bf16")
     row["images_per_s"] = len(data.train_x) * args.epochs / row["seconds"]
     row["epochs"], row["train_images"] = args.epochs, len(data.train_x)
     print("RESULT " + json.dumps(row), flush=True)
@@ -259,7 +264,7 @@ def measure(who: str, phase: str, rnd: int, args, teacher: str | None) -> dict:
 
 
 def drive(args) -> None:
-    systems = ["edgekd", "keras"] + (["tf_keras"] if args.legacy else [])
+    systems = ["edgekd", "keras"] + (["tf_keras"] if args.legacy else []) + (["keras_bf16"] if args.bf16_peer else [])
     raw = json.loads(RESULTS.with_suffix(".json").read_text()) if args.resume and RESULTS.with_suffix(".json").exists() else {}
     command = "python benchmarks/keras_peer.py " + " ".join(sys.argv[1:])
     earlier = [c for c in raw.get("command", "").split("; ") if c and c != command]  # --resume adds phases
@@ -279,7 +284,8 @@ def drive(args) -> None:
                     got[key] = measure(who, phase, rnd, args, teacher)
                     RESULTS.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
     present = [p for p in PHASES if any(f"{p}/edgekd" in r for r in raw["rounds"].values())]  # --resume may add phases
-    RESULTS.with_suffix(".md").write_text(render(raw, present, systems))
+    seen = [s for s in ALL_SYSTEMS if any(k.endswith("/" + s) for r in raw["rounds"].values() for k in r)]
+    RESULTS.with_suffix(".md").write_text(render(raw, present, seen))
     print(RESULTS.with_suffix(".md").read_text())
 
 
@@ -292,7 +298,8 @@ def render(raw: dict, phases: list[str], systems: list[str]) -> str:
              "to the test accuracy. Ratio: edgekd / peer within each round, then the median.", "",
              "| phase | peer | images x epochs | edgekd img/s | peer img/s | edgekd / peer (median, min-max) | test acc edgekd | test acc peer |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    peer_names = {"keras": "Keras 3 (XLA)", "tf_keras": "tf_keras (legacy Keras 2)"}
+    peer_names = {"keras": "Keras 3 (XLA)", "tf_keras": "tf_keras (legacy Keras 2)",
+                  "keras_bf16": "Keras 3 (XLA), mixed_bfloat16"}
     for phase in phases:
         for peer in systems[1:]:
             pairs = [(r[f"{phase}/edgekd"], r[f"{phase}/{peer}"]) for r in rounds
@@ -311,7 +318,9 @@ def render(raw: dict, phases: list[str], systems: list[str]) -> str:
                          f"{statistics.mean(p[1]['test_acc'] for p in pairs):.2f} |")
     precisions = sorted({r[k].get("precision", "fp32") for r in rounds for k in r if k.endswith("/edgekd")})
     lines += ["", f"edgekd trained in {' and '.join(precisions)} (its `precision = \"auto\"`: bf16 autocast on a CPU with "
-              "AMX tiles, except networks with grouped convolutions; fp32 on others); Keras 3 in float32, as seed 004 runs it."]
+              "AMX tiles, except networks with grouped convolutions; fp32 on others); Keras 3 in float32, as seed 004 runs it"
+              + ("; the `mixed_bfloat16` row is Keras 3 under its own bf16 mixed-precision policy (one line a Keras user "
+                 "can add; seed 004 does not), the like-for-like match for edgekd's bf16." if "keras_bf16" in systems else ".")]
     if raw.get("note"):
         lines += ["", raw["note"]]
     lines += ["", "Phases:"] + [f"- `{p}`: {PHASES[p][1]}" for p in phases]
@@ -325,7 +334,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "job":
         ap = argparse.ArgumentParser()
         ap.add_argument("job")
-        ap.add_argument("who", choices=["edgekd", "keras", "tf_keras"])
+        ap.add_argument("who", choices=["edgekd", "keras", "tf_keras", "keras_bf16"])
         ap.add_argument("phase", choices=list(PHASES))
         ap.add_argument("--round", type=int, default=0)
         ap.add_argument("--images", type=int, default=10000)
@@ -342,6 +351,8 @@ def main() -> None:
                          "over which its cached teacher views pay off; the peer trains as many")
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     ap.add_argument("--legacy", action="store_true", help="add tf_keras (Keras 2) as an extra row")
+    ap.add_argument("--bf16-peer", action="store_true",
+                    help="add Keras 3 under the mixed_bfloat16 policy as an extra row (seed 004 runs float32)")
     ap.add_argument("--out", help="results path without suffix (default benchmarks/results/keras_peer)")
     ap.add_argument("--resume", action="store_true", help="keep finished measurements in keras_peer.json")
     args = ap.parse_args()
