@@ -7,7 +7,7 @@
 `record` writes benchmarks/results/fresh_clone.json and benchmarks/results/embedded_default/ (the run's
 summary.json, bench.json and the bundle's model.json). `render` fills every
 ``<!-- numbers:NAME -->...<!-- /numbers -->`` block of README.md from those files and
-benchmarks/results/keras_peer.json.
+benchmarks/results/keras_peer_e10.json.
 """
 
 from __future__ import annotations
@@ -103,31 +103,36 @@ def block_default_deploy() -> str:
     return "\n".join(rows)
 
 
+SPEED = RESULTS / "keras_peer_e10.json"
+
+
 def block_speed() -> str:
-    k = json.loads((RESULTS / "keras_peer.json").read_text())
-    ratios: dict[str, list[float]] = {}
-    for rnd in k["rounds"].values():
-        for key, v in rnd.items():
-            phase, side = key.split("/")
-            if side == "edgekd" and f"{phase}/keras" in rnd:
-                ratios.setdefault(phase, []).append(rnd[f"{phase}/keras"]["seconds"] / v["seconds"])
+    k = json.loads(SPEED.read_text())
+    rounds = list(k["rounds"].values())
     names = {"teacher": "seed 002's teacher", "scratch": "its student", "scratch-long": "its student at edgekd's "
              "default length", "distill": "edgekd's default distillation against Keras's Distiller",
              "distill-online": "the teacher on every batch on both sides", "edge_resnet_s": "`edge_resnet_s`",
              "mobilenet_v2": "MobileNetV2"}
-    ratios = {p: ratios[p] for p in sorted(ratios, key=lambda p: list(names).index(p) if p in names else len(names))}
-    accuracy = {p: [statistics.mean(r[f"{p}/{side}"]["test_acc"] for r in k["rounds"].values() if f"{p}/{side}" in r)
-                    for side in ("edgekd", "keras")] for p in ratios}
-    first = next(iter(k["rounds"].values()))
+    phases = [p for p in names if any(f"{p}/edgekd" in r and f"{p}/keras" in r for r in rounds)]
 
-    def size(phase):  # training images x epochs of a phase (older results recorded neither per row)
-        row = first.get(f"{phase}/edgekd", {})
-        epochs = row.get("epochs", k["epochs"])
-        acc = f", test {accuracy[phase][0]:.1f}% vs {accuracy[phase][1]:.1f}%" if epochs >= 30 else ""
-        return f"{row.get('train_images', k['images']):,} images x {epochs} epochs{acc}"
+    def against(phase, peer):  # median ratio of whole-run times within a round, mean test accuracy of both sides
+        pairs = [(r[f"{phase}/edgekd"], r[f"{phase}/{peer}"]) for r in rounds if f"{phase}/edgekd" in r and f"{phase}/{peer}" in r]
+        if not pairs:
+            return None
+        return (statistics.median(b["seconds"] / a["seconds"] for a, b in pairs),
+                statistics.mean(a["test_acc"] for a, _ in pairs), statistics.mean(b["test_acc"] for _, b in pairs))
 
-    parts = [f"**{statistics.median(r):.2f}x** on {names.get(p, p)} ({size(p)})" for p, r in ratios.items()]
-    return (f"edgekd / Keras 3 = {', '.join(parts)}; median of {len(k['rounds'])} interleaved rounds on CIFAR-10: "
+    parts = []
+    for p in phases:
+        row = next(r[f"{p}/edgekd"] for r in rounds if f"{p}/edgekd" in r)
+        ratio, ours, theirs = against(p, "keras")
+        part = (f"**{ratio:.2f}x** on {names[p]} ({row['train_images']:,} images x {row['epochs']} epochs, "
+                f"test {ours:.1f}% vs {theirs:.1f}%")
+        bf16 = against(p, "keras_bf16")
+        if bf16:
+            part += f"; against Keras under `mixed_bfloat16` {bf16[0]:.2f}x, test {bf16[2]:.1f}%"
+        parts.append(part + ")")
+    return (f"edgekd / Keras 3 = {', '.join(parts)}; median of {len(rounds)} interleaved rounds on CIFAR-10: "
             f"`{k['command']}`.")
 
 

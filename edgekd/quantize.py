@@ -578,20 +578,16 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
     onnx2tf fails, and chosen by measurement where onnx2tf's int8 file loses more than ``max_drop`` points on the
     validation split (the file that loses less there is kept; the test split is read once, by the gate)."""
     key = "integer_quant" if io == "float32" else "full_integer_quant"
+    choose = max_drop is not None and len(inputs.val_y) > 0  # a gate and a validation split to choose on
     try:
         files = _onnx2tf_files(onnx_fp32, onnx_qat, tmp, inputs, io)
     except EdgeKDError as exc:
         if not litert_torch_installed():
             raise
-        try:
-            files = _litert_files(nets, tmp, inputs, key, io)
-        except EdgeKDError as fallback:
-            raise EdgeKDError(f"{exc}; the litert-torch fallback too: {fallback}") from None
-        _check_litert_io(files[key], io, exc)
-        return _tflite_model(files, key, inputs, io, target, {"converter": LITERT, "converter_why": f"onnx2tf failed: {exc}"})
+        return _litert_instead(exc, nets, tmp, inputs, key, io, target, choose)
     if key not in files or "float32" not in files:
         raise EdgeKDError(f"onnx2tf wrote no {key} model; the conversion did not quantize")
-    first = None if max_drop is None or not litert_torch_installed() or not len(inputs.val_y) else _val_drop(files, key, inputs)
+    first = _val_acc(files["float32"], inputs) - _val_acc(files[key], inputs) if choose and litert_torch_installed() else None
     if first is None or first <= max_drop:
         return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "calibration": "min/max"})
     return _better_converter(files, first, nets, tmp, inputs, key, io, target)
@@ -600,6 +596,31 @@ def _quantize_tflite(onnx_fp32, onnx_qat, tmp, inputs: _Inputs, io, target, nets
 # PT2E's histogram observer, then ranges that cut 0.01% and 0.1% of the values at each end (convert.percentile_range;
 # onnxruntime's "percentile P" cuts (100 - P) / 2 % at each end, so these are not the ONNX path's settings)
 LITERT_CALIBRATIONS = (None, 99.99, 99.9)
+
+
+def _litert_instead(onnx2tf_error: EdgeKDError, nets, tmp, inputs: _Inputs, key, io, target, choose: bool) -> QuantizedModel:
+    """onnx2tf failed: litert-torch's files, with PT2E's histogram calibration, or, with a gate to meet, each
+    calibration of ``LITERT_CALIBRATIONS`` and the int8 file that loses least on validation."""
+    why = f"onnx2tf failed: {onnx2tf_error}"
+    try:
+        fp32 = torch_to_tflite(nets[0], inputs.check_x, tmp / "model_litert.tflite")
+    except EdgeKDError as exc:
+        raise EdgeKDError(f"{onnx2tf_error}; the litert-torch fallback too: {exc}") from None
+    if not choose or io == "uint8":  # litert-torch makes no uint8 file: one conversion, whose types are checked
+        try:
+            int8 = torch_to_tflite_int8(nets[1], inputs.calib_x, tmp / "model_litert_int8.tflite", float_io=io == "float32")
+        except EdgeKDError as exc:
+            raise EdgeKDError(f"{onnx2tf_error}; the litert-torch fallback too: {exc}") from None
+        _check_litert_io(int8, io, onnx2tf_error)
+        return _tflite_model({"float32": fp32, key: int8}, key, inputs, io, target,
+                             {"converter": LITERT, "calibration": "histogram", "converter_why": why})
+    best, tried = _litert_calibrations(nets, fp32, tmp, inputs, io, onnx2tf_error)
+    if best is None:
+        raise EdgeKDError(f"{onnx2tf_error}; the litert-torch fallback too: " + "; ".join(tried))
+    return _tflite_model({"float32": fp32, key: best[1]}, key, inputs, io, target,
+                         {"converter": LITERT, "calibration": best[2],
+                          "converter_why": f"{why}; litert-torch's with activations ranged by {', '.join(tried)}: "
+                                           f"the {best[2]} kept"})
 
 
 def _better_converter(files, onnx2tf_drop: float, nets, tmp, inputs: _Inputs, key, io, target) -> QuantizedModel:
@@ -615,20 +636,7 @@ def _better_converter(files, onnx2tf_drop: float, nets, tmp, inputs: _Inputs, ke
     except EdgeKDError as exc:
         return _tflite_model(files, key, inputs, io, target, {"converter": "onnx2tf", "calibration": "min/max",
                                                               "converter_why": f"{why}; litert-torch: {exc}"})
-    best, tried = None, []
-    for percentile in LITERT_CALIBRATIONS:
-        name = "histogram" if percentile is None else f"percentiles {100 - percentile:.2g}-{percentile:g}"
-        out = tmp / f"model_litert_int8_{'histogram' if percentile is None else f'p{percentile:g}'}.tflite"
-        try:
-            int8 = torch_to_tflite_int8(nets[1], inputs.calib_x, out, float_io=io == "float32", percentile=percentile)
-            _check_litert_io(int8, io, EdgeKDError("onnx2tf's int8 file missed the gate"))
-        except EdgeKDError as exc:
-            tried.append(f"{name}: {exc}")
-            continue
-        drop = _val_drop({"float32": fp32, key: int8}, key, inputs)
-        tried.append(f"{name} lost {drop:.2f}")
-        if best is None or drop < best[0]:
-            best = (drop, int8, name)
+    best, tried = _litert_calibrations(nets, fp32, tmp, inputs, io, EdgeKDError("onnx2tf's int8 file missed the gate"))
     why = f"{why}; litert-torch's with activations ranged by " + ", ".join(tried)
     if best is not None and best[0] < onnx2tf_drop:
         return _tflite_model({"float32": fp32, key: best[1]}, key, inputs, io, target,
@@ -638,15 +646,29 @@ def _better_converter(files, onnx2tf_drop: float, nets, tmp, inputs: _Inputs, ke
                                                           "calibration": "min/max"})
 
 
-def _litert_files(nets, tmp: Path, i: _Inputs, key: str, io: str) -> dict[str, Path]:
-    return {"float32": torch_to_tflite(nets[0], i.check_x, tmp / "model_litert.tflite"),
-            key: torch_to_tflite_int8(nets[1], i.calib_x, tmp / "model_litert_int8.tflite", float_io=io == "float32")}
+def _litert_calibrations(nets, fp32: Path, tmp: Path, inputs: _Inputs, io: str, onnx2tf_error: EdgeKDError):
+    """litert-torch's int8 file with each calibration of ``LITERT_CALIBRATIONS``, scored against ``fp32`` (evaluated
+    once) on the validation split: the best as (drop, file, name), or None when none converted, and what each did."""
+    fp32_acc, best, tried = _val_acc(fp32, inputs), None, []
+    for percentile in LITERT_CALIBRATIONS:
+        name = "histogram" if percentile is None else f"percentiles {100 - percentile:.2g}-{percentile:g}"
+        out = tmp / f"model_litert_int8_{'histogram' if percentile is None else f'p{percentile:g}'}.tflite"
+        try:
+            int8 = torch_to_tflite_int8(nets[1], inputs.calib_x, out, float_io=io == "float32", percentile=percentile)
+            _check_litert_io(int8, io, onnx2tf_error)
+        except EdgeKDError as exc:
+            tried.append(f"{name}: {exc}")
+            continue
+        drop = fp32_acc - _val_acc(int8, inputs)
+        tried.append(f"{name} lost {drop:.2f}")
+        if best is None or drop < best[0]:
+            best = (drop, int8, name)
+    return best, tried
 
 
-def _val_drop(files: dict[str, Path], key: str, i: _Inputs) -> float:
-    """fp32 minus int8 top-1 on the validation split, each file through LiteRT."""
-    fp32, int8 = (_accuracy(TFLiteRunner(files[k])(nhwc(i.val_x)), i.val_y) for k in ("float32", key))
-    return fp32 - int8
+def _val_acc(file: Path, i: _Inputs) -> float:
+    """Top-1 on the validation split, through LiteRT."""
+    return _accuracy(TFLiteRunner(file)(nhwc(i.val_x)), i.val_y)
 
 
 def _tflite_model(files: dict[str, Path], key: str, i: _Inputs, io: str, target: str, converter: dict) -> QuantizedModel:

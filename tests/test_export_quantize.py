@@ -689,10 +689,10 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
     def fp32_stand_in(net, x, path):
         return onnx_to_tflite(to_onnx(net, x, path.with_suffix(".onnx"), dynamic_batch=False), path.parent / "f")["float32"]
 
-    def int8_stand_in(net, calibration, path, float_io=False):  # int8 inside; float32 or int8 at the boundary
+    def int8_stand_in(net, calibration, path, float_io=False, percentile=None):  # float32 or int8 at the boundary
         onnx_file = to_onnx(net, calibration, path.with_suffix(".onnx"), dynamic_batch=False)
-        files = onnx_to_tflite(onnx_file, path.parent / "q", calibration=nhwc(calibration))
-        return files["integer_quant" if float_io else "full_integer_quant"]
+        files = onnx_to_tflite(onnx_file, path.parent / path.stem, calibration=nhwc(calibration))
+        return files["integer_quant" if float_io else "full_integer_quant"].rename(path)
 
     monkeypatch.setattr(quantize_mod, "_onnx2tf_files", onnx2tf_fails)
     monkeypatch.setattr(quantize_mod, "torch_to_tflite", fp32_stand_in)
@@ -711,6 +711,14 @@ def test_int8_tflite_falls_back_to_litert_torch_where_onnx2tf_fails(digits_model
     assert m.choice["converter"].startswith("litert-torch") and "channel shuffle" in m.choice["converter_why"]
     assert m.int8_mac_share >= 0.5 and m.fp32.top1_agreement == 100.0
     assert json.loads((tmp_path / "c" / "model_fp32.tflite.json").read_text())["converter"].startswith("litert-torch")
+    # with a gate to meet, each activation calibration is tried and the one that loses least on validation kept
+    drops = {"model_litert_int8_histogram": 2.0, "model_litert_int8_p99.99": 0.4, "model_litert_int8_p99.9": 0.8}
+    monkeypatch.setattr(quantize_mod, "_val_acc", lambda file, inputs: 90.0 - drops.get(file.stem, 0.0))
+    [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "e").models
+    assert m.choice["calibration"] == "percentiles 0.01-99.99" and m.choice["converter"].startswith("litert-torch")
+    assert m.choice["converter_why"].startswith("onnx2tf failed: TFLite conversion (onnx2tf) failed: ValueError: channel shuffle")
+    assert m.choice["converter_why"].endswith("histogram lost 2.00, percentiles 0.01-99.99 lost 0.40, "
+                                              "percentiles 0.1-99.9 lost 0.80: the percentiles 0.01-99.99 kept")
 
 
 def test_quantize_names_its_backends_and_refuses_an_unknown_format_before_any_work(digits_model, tmp_path):
@@ -755,20 +763,24 @@ def test_tflite_converter_is_chosen_by_validation_drop_when_onnx2tf_misses_the_g
         files = onnx_to_tflite(onnx_file, path.parent / path.stem, calibration=nhwc(calibration))
         return files["integer_quant" if float_io else "full_integer_quant"].rename(path)
 
-    drops, measured = {"onnx2tf": 3.0, "histogram": 0.5, "p99.99": 0.7, "p99.9": 0.9}, []
+    drops, measured, fp32_scored = {"onnx2tf": 3.0, "histogram": 0.5, "p99.99": 0.7, "p99.9": 0.9}, [], []
 
-    def val_drop(files, key, inputs):  # litert-torch's files are named by their activation calibration
-        measured.append(files[key].stem.removeprefix("model_litert_int8_") if "litert" in files[key].name else "onnx2tf")
-        return drops[measured[-1]]
+    def val_acc(file, inputs):  # litert-torch's int8 files are named by their activation calibration
+        if "int8" not in file.name and "quant" not in file.name:
+            fp32_scored.append(file.name)
+            return 90.0
+        measured.append(file.stem.removeprefix("model_litert_int8_") if "litert" in file.name else "onnx2tf")
+        return 90.0 - drops[measured[-1]]
 
     monkeypatch.setattr(quantize_mod, "torch_to_tflite", fp32_stand_in)
     monkeypatch.setattr(quantize_mod, "torch_to_tflite_int8", int8_stand_in)
     monkeypatch.setattr(quantize_mod, "litert_torch_installed", lambda: True)
-    monkeypatch.setattr(quantize_mod, "_val_drop", val_drop)
+    monkeypatch.setattr(quantize_mod, "_val_acc", val_acc)
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, out_dir=tmp_path / "a").models
     assert measured == [] and m.choice["converter"] == "onnx2tf"  # no --max-drop: nothing to choose between
     [m] = quantize_mod.quantize(digits_model, formats=("tflite",), calib_size=40, max_drop=1.0, out_dir=tmp_path / "b").models
     assert measured == ["onnx2tf", "histogram", "p99.99", "p99.9"] and m.choice["converter"].startswith("litert-torch")
+    assert len(fp32_scored) == 2  # each converter's fp32 file is scored once, not once per int8 file
     assert m.choice["converter_why"] == ("onnx2tf's int8 file lost 3.00 validation points, more than --max-drop; "
                                          "litert-torch's with activations ranged by histogram lost 0.50, "
                                          "percentiles 0.01-99.99 lost 0.70, percentiles 0.1-99.9 lost 0.90: the histogram kept")
