@@ -172,6 +172,7 @@ def test_missing_converter_extra_is_named(digits_model, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnx2tf)
+    monkeypatch.setattr(importlib.import_module("edgekd.export"), "litert_torch_installed", lambda: False)  # no fallback
     with pytest.raises(EdgeKDError, match=r"pip install 'edgekd\[tf\]'"):
         export(digits_model, ("tflite",))
 
