@@ -300,6 +300,12 @@ def drive(args) -> None:
     print(RESULTS.with_suffix(".md").read_text())
 
 
+def peer_pairs(raw: dict, phase: str, peer: str) -> list[tuple[dict, dict]]:
+    """The (edgekd, peer) measurements of ``phase``, one pair for each round in which both ran."""
+    return [(r[f"{phase}/edgekd"], r[f"{phase}/{peer}"]) for r in raw["rounds"].values()
+            if f"{phase}/edgekd" in r and f"{phase}/{peer}" in r]
+
+
 def render(raw: dict, phases: list[str], systems: list[str]) -> str:
     rounds = list(raw["rounds"].values())
     lines = ["# edgekd vs Keras 3 (seed 004's `from tensorflow import keras`), interleaved", "",
@@ -313,8 +319,7 @@ def render(raw: dict, phases: list[str], systems: list[str]) -> str:
                   "keras_bf16": "Keras 3 (XLA), mixed_bfloat16"}
     for phase in phases:
         for peer in systems[1:]:
-            pairs = [(r[f"{phase}/edgekd"], r[f"{phase}/{peer}"]) for r in rounds
-                     if f"{phase}/edgekd" in r and f"{phase}/{peer}" in r]
+            pairs = peer_pairs(raw, phase, peer)
             if not pairs:
                 continue
             ratios = [a["images_per_s"] / b["images_per_s"] for a, b in pairs]

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from keras_peer import peer_pairs  # a sibling script: python puts benchmarks/ on the path
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT = RESULTS / "embedded_default"
@@ -115,11 +117,11 @@ def block_speed() -> str:
              "mobilenet_v2": "MobileNetV2"}
     phases = [p for p in names if any(f"{p}/edgekd" in r and f"{p}/keras" in r for r in rounds)]
 
-    def against(phase, peer):  # median ratio of whole-run times within a round, mean test accuracy of both sides
-        pairs = [(r[f"{phase}/edgekd"], r[f"{phase}/{peer}"]) for r in rounds if f"{phase}/edgekd" in r and f"{phase}/{peer}" in r]
+    def against(phase, peer):  # median ratio within a round, as keras_peer.md gives it; mean test accuracy of both sides
+        pairs = peer_pairs(k, phase, peer)
         if not pairs:
             return None
-        return (statistics.median(b["seconds"] / a["seconds"] for a, b in pairs),
+        return (statistics.median(a["images_per_s"] / b["images_per_s"] for a, b in pairs),
                 statistics.mean(a["test_acc"] for a, _ in pairs), statistics.mean(b["test_acc"] for _, b in pairs))
 
     parts = []
